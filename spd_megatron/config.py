@@ -1,0 +1,165 @@
+"""One typed config tree for every entry point, validated in one place.
+
+A run's config = the dataclass defaults, then a YAML preset (``--config NAME`` for a file in
+``spd_megatron/configs/`` or ``--config PATH``), then ``key=value`` overrides. A ``DictConfig``
+never leaves this module: callers get plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from spd_megatron.errors import SPDError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str = ""
+    """Converted checkpoint folder (tools/convert_hf.py). Empty: the builtin model below."""
+    builtin: str = "smollm2-135m-instruct"
+    """Builtin model converted on first use into cache_dir when checkpoint is empty."""
+    cache_dir: str = ""
+    """Where builtin conversions are kept. Empty: $SPD_CACHE or ~/.cache/spd_megatron."""
+    dtype: str = "float32"
+    """Compute and weight dtype: float32 or bfloat16 (must match the checkpoint)."""
+    max_seq_len: int = 2048
+    """KV cache length per stage: prompt + new tokens must fit."""
+    layer_spec: str = "auto"
+    """auto (transformer_engine on GPU when it imports, else local), local, transformer_engine."""
+    fp8: bool = False
+    """FP8 through Transformer Engine's fp8_autocast (GPU + transformer_engine only)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks per pipeline stage that split each layer (Megatron TP)."""
+    pipeline_parallel_size: int = 0
+    """Pipeline stages. 0: world size / tensor_parallel_size."""
+    layers_per_stage: list[int] = field(default_factory=list)
+    """Explicit uneven split, e.g. [8, 8, 7, 7]. Empty: balanced."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo, nccl."""
+    timeout_s: float = 120.0
+    """Longest wait for any message from another rank during decoding."""
+    setup_timeout_s: float = 1800.0
+    """Longest wait while another rank converts or loads the model."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "autoregressive"
+    """Decode schedule from the registry (spd_megatron.schedule): autoregressive, ..."""
+    prefill_chunk_size: int = 256
+    """Prompt tokens per prefill message; chunks pipeline across stages. 0: whole prompt."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Keep the smallest set with probability >= top_p (1 = off)."""
+    seed: int = 1234
+    """Seed of the sampling generator (same seed, same output)."""
+
+
+@dataclass
+class ReportConfig:
+    json: str = ""
+    """Write the per-prompt JSON report here (empty: no file)."""
+    stream: bool = True
+    """Print the text on rank 0 as it is generated."""
+
+
+@dataclass
+class SPDConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    prompt: str = ""
+    """One user message (wrapped in the model's chat template)."""
+    prompts_file: str = ""
+    """EAGLE-format jsonl (question_id, turns); the first turn of each line is used."""
+    prompts_limit: int = 0
+    """Use the first K prompts of prompts_file (0 = all)."""
+    max_new_tokens: int = 128
+    """Verified new tokens per prompt (EOS may stop earlier)."""
+    chat_template: bool = True
+    """Wrap prompts in the model's chat template (False: raw text)."""
+    system_prompt: Optional[str] = None
+    """System message for the chat template (None: the template's default)."""
+
+
+def load_config(config: Optional[str] = None, overrides: Sequence[str] = ()) -> SPDConfig:
+    """Build the typed config: defaults <- preset YAML <- ``key=value`` overrides.
+
+    Raises:
+        SPDError: unknown preset or file, unknown key, wrong type, or an impossible combination.
+    """
+    try:
+        merged = OmegaConf.structured(SPDConfig)
+        if config:
+            merged = OmegaConf.merge(merged, OmegaConf.load(_preset_path(config)))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise SPDError(f"bad config: {_first_line(err)}") from None
+    validate_config(cfg)
+    return cfg
+
+
+def _preset_path(config: str) -> Path:
+    path = Path(config)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SPDError(f"config file {config} does not exist")
+        return path
+    preset = PRESET_DIR / f"{config}.yaml"
+    if not preset.is_file():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise SPDError(f"unknown config preset '{config}'; presets: {', '.join(names)}, or a YAML path")
+    return preset
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+def validate_config(cfg: SPDConfig) -> None:
+    """Cross-field checks that need no model or processes."""
+    checks = [
+        (cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype} must be one of {DTYPES}"),
+        (cfg.model.max_seq_len > 0, "model.max_seq_len must be > 0"),
+        (cfg.model.layer_spec in ("auto", "local", "transformer_engine"),
+         f"model.layer_spec={cfg.model.layer_spec} must be auto, local or transformer_engine"),
+        (not (cfg.model.fp8 and cfg.model.layer_spec == "local"),
+         "model.fp8=true needs the transformer_engine layer spec; set model.layer_spec=auto"),
+        (cfg.parallel.tensor_parallel_size >= 1, "parallel.tensor_parallel_size must be >= 1"),
+        (cfg.parallel.pipeline_parallel_size >= 0, "parallel.pipeline_parallel_size must be >= 0"),
+        (cfg.parallel.backend in ("auto", "gloo", "nccl"),
+         f"parallel.backend={cfg.parallel.backend} must be auto, gloo or nccl"),
+        (cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
+        (cfg.schedule.prefill_chunk_size >= 0, "schedule.prefill_chunk_size must be >= 0"),
+        (cfg.sampling.temperature >= 0, "sampling.temperature must be >= 0"),
+        (cfg.sampling.top_k >= 0, "sampling.top_k must be >= 0"),
+        (0 < cfg.sampling.top_p <= 1, "sampling.top_p must be in (0, 1]"),
+        (cfg.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+        (cfg.prompts_limit >= 0, "prompts_limit must be >= 0"),
+        (not (cfg.prompt and cfg.prompts_file), "give prompt= or prompts_file=, not both"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SPDError(f"bad config: {message}")

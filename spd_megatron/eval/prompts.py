@@ -1,0 +1,57 @@
+"""Prompts: one user message, or an EAGLE-format jsonl file; and the chat-template encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from spd_megatron.errors import SPDError
+
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then give one fun fact about it."
+
+
+def read_prompts_file(path: str, limit: int = 0) -> list[str]:
+    """First turns of an EAGLE-format jsonl (``{"question_id", "turns": [...]}`` per line).
+
+    Raises:
+        SPDError: missing file, or a malformed line (the line number is named).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise SPDError(f"prompts_file {path} does not exist")
+    prompts = []
+    for lineno, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        prompts.append(_first_turn(line, path, lineno))
+        if limit and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise SPDError(f"prompts_file {path} has no prompts")
+    return prompts
+
+
+def _first_turn(line: str, path: str, lineno: int) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise SPDError(f"{path}:{lineno}: not valid JSON ({err.msg}); expected one JSON object per line") from None
+    turns = record.get("turns") if isinstance(record, dict) else None
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+        raise SPDError(f'{path}:{lineno}: expected {{"turns": ["first user message", ...]}}')
+    return turns[0]
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool = True,
+                  system_prompt: Optional[str] = None) -> list[int]:
+    """Token ids fed to the model: the user message in the chat template, or the raw text."""
+    if not chat_template or not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(text)["input_ids"])
+    messages = [{"role": "user", "content": text}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]

@@ -1,0 +1,162 @@
+"""Start torch.distributed and Megatron's model-parallel groups; the only place groups are made.
+
+Launchers understood: torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (OMPI_COMM_WORLD_*), MPICH /
+Intel MPI (PMI_RANK/PMI_SIZE), and a plain single process (world size 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from spd_megatron.config import ParallelConfig
+from spd_megatron.errors import SPDError
+from spd_megatron.parallel.cpu_compat import apply_cpu_patches
+from spd_megatron.parallel.layout import RankLayout, resolve_layout
+
+log = logging.getLogger(__name__)
+
+_ENV_KEYS = (  # (rank, world size, local rank) per launcher, in order of preference
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # torchrun | mpi | single
+
+
+def read_launch_env(environ: Optional[dict] = None) -> LaunchEnv:
+    """Rank, world size and local rank from whichever launcher started this process."""
+    env = os.environ if environ is None else environ
+    for rank_key, size_key, local_key in _ENV_KEYS:
+        if rank_key in env and size_key in env:
+            launcher = "torchrun" if rank_key == "RANK" else "mpi"
+            local = int(env.get(local_key, env[rank_key]))
+            return LaunchEnv(int(env[rank_key]), int(env[size_key]), local, launcher)
+    return LaunchEnv(0, 1, 0, "single")
+
+
+@dataclass
+class ParallelContext:
+    """Everything a rank needs to know about the process grid; passed down instead of globals."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    layout: RankLayout
+    device: torch.device
+    pp_group: object
+    tp_group: object
+    timeout_s: float
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.pp_rank(self.rank)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.tp_rank(self.rank)
+
+    @property
+    def pp_size(self) -> int:
+        return self.layout.pipeline_parallel_size
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.tensor_parallel_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, pp_rank: int) -> int:
+        """Global rank of the given stage in this rank's TP slot (p2p always pairs TP slots)."""
+        return self.layout.rank_of(pp_rank % self.pp_size, self.tp_rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pick_backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise SPDError("parallel.backend=nccl needs CUDA GPUs; use parallel.backend=gloo (or auto) on CPU")
+    return requested
+
+
+def start_process_group(cfg: ParallelConfig) -> LaunchEnv:
+    """Initialise the default process group from the launcher's environment (idempotent)."""
+    env = read_launch_env()
+    if dist.is_initialized():
+        return LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.launcher)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if env.launcher == "single":
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    else:
+        os.environ.setdefault("MASTER_PORT", "29500")
+    backend = _pick_backend(cfg.backend)
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(
+        backend, rank=env.rank, world_size=env.world_size,
+        timeout=timedelta(seconds=cfg.setup_timeout_s),
+    )
+    return env
+
+
+def init_parallel(cfg: ParallelConfig) -> ParallelContext:
+    """Start the process group and Megatron's TP x PP groups for this run.
+
+    Raises:
+        SPDError: the launched world size does not match TP x PP.
+    """
+    apply_cpu_patches()
+    env = start_process_group(cfg)
+    layout = resolve_layout(env.world_size, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_parallel_size,
+        create_gloo_process_groups=False,
+    )
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    return ParallelContext(
+        rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, layout=layout,
+        device=device, pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(), timeout_s=cfg.timeout_s,
+    )
+
+
+def shutdown_parallel() -> None:
+    """Tear down megatron's groups and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,52 @@
+"""Megatron ModuleSpec choice: the local spec (CPU, reference) or Transformer Engine (GPU, FP8)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from spd_megatron.errors import SPDError
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def transformer_engine_available() -> bool:
+    """True when CUDA exists and Transformer Engine imports.
+
+    A half-installed TE raises RuntimeError (not ImportError) at import, so every exception is caught.
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a broken TE must not crash the run
+        log.warning("Transformer Engine unavailable (%s); using the local layer spec", err)
+        return False
+    return True
+
+
+def resolve_layer_spec_name(requested: str) -> str:
+    """Map model.layer_spec (auto | local | transformer_engine) to the spec that will be built."""
+    if requested == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if requested == "transformer_engine" and not transformer_engine_available():
+        raise SPDError(
+            "model.layer_spec=transformer_engine needs a CUDA GPU with Transformer Engine installed; "
+            "use model.layer_spec=local (or auto)"
+        )
+    return requested
+
+
+def build_layer_spec(name: str, qk_layernorm: bool):
+    """The decoder-layer ModuleSpec for a resolved spec name."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if name == "transformer_engine":
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)

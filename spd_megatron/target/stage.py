@@ -1,0 +1,89 @@
+"""TargetStage: this rank's share of the target model, one forward step at an explicit position."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from spd_megatron.target.arch import ArchSpec
+from spd_megatron.target.build import StagePlacement
+from spd_megatron.target.kv_cache import StageKVCache, causal_mask
+
+
+class TargetStage:
+    """Runs the layers of one pipeline stage over a KV cache.
+
+    The first stage takes token ids ``[1, n]``; the others take the previous stage's hidden states
+    ``[n, 1, h]`` (megatron layout). Non-last stages return hidden ``[n, 1, h]``; the last stage
+    returns full-vocabulary logits ``[1, n, V]`` (gathered across TP ranks).
+
+    Anchor taps: ``set_taps(indices)`` records the residual stream ``h^k`` (k = layers done, 0 = the
+    embedding, pre-final-norm) for the indices this stage produces, in ``self.taps`` after each
+    forward. Nothing is recorded (and no hook exists) when no tap is asked for.
+    """
+
+    def __init__(self, model: torch.nn.Module, arch: ArchSpec, placement: StagePlacement,
+                 max_seq_len: int) -> None:
+        self.model = model
+        self.arch = arch
+        self.placement = placement
+        self.cache = StageKVCache(max_seq_len)
+        self.taps: dict[int, Tensor] = {}
+        self._hooks: list = []
+        self._dummy_ids = torch.zeros(1, 1, dtype=torch.long)
+
+    @property
+    def produced_indices(self) -> range:
+        """Hidden-state indices k this stage produces (0 = embedding on the first stage)."""
+        first = 0 if self.placement.is_first else self.placement.layer_start + 1
+        return range(first, self.placement.layer_end + 1)
+
+    def set_taps(self, indices: Iterable[int]) -> None:
+        """Record h^k for every k in ``indices`` that this stage produces."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for k in sorted(set(indices) & set(self.produced_indices)):
+            module = self._module_producing(k)
+            self._hooks.append(module.register_forward_hook(self._recorder(k)))
+
+    def _module_producing(self, k: int) -> torch.nn.Module:
+        if k == 0:
+            return self.model.embedding
+        return self.model.decoder.layers[k - 1 - self.placement.layer_start]
+
+    def _recorder(self, k: int):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.taps[k] = hidden  # [n, 1, h]
+
+        return hook
+
+    def forward(self, start: int, token_ids: Optional[Tensor] = None,
+                hidden: Optional[Tensor] = None) -> Tensor:
+        """Process ``n`` consecutive tokens at positions [start, start + n), extending the cache.
+
+        Args:
+            start: position of the first token; the cache is truncated to ``start`` first.
+            token_ids: [1, n] ids (first stage only).
+            hidden: [n, 1, h] input hidden states (non-first stages only).
+
+        Returns:
+            [n, 1, h] hidden states, or [1, n, V] logits on the last stage.
+        """
+        count = token_ids.shape[1] if self.placement.is_first else hidden.shape[0]
+        self.cache.prepare_write(start, count)
+        if not self.placement.is_first:
+            self.model.set_input_tensor(hidden)
+        mask = causal_mask(start, count, self.arch.sliding_window)
+        out = self.model(
+            token_ids if self.placement.is_first else self._dummy_ids,
+            None,
+            mask,
+            inference_context=self.cache.context,
+            runtime_gather_output=True,
+        )
+        self.cache.commit_write(start, count)
+        return out
