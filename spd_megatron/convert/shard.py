@@ -59,7 +59,9 @@ def tp_rule(name: str) -> str:
     parts = name.rsplit(".", 2)
     rule = _TP_RULES.get((parts[-2], parts[-1])) if len(parts) >= 2 else None
     if rule is None:
-        raise SPDError(f"no tensor-parallel rule for parameter '{name}'; it is not a Llama-style megatron key")
+        raise SPDError(
+            f"no tensor-parallel rule for parameter '{name}'; it is not a Llama-style megatron key"
+        )
     return rule
 
 

@@ -287,7 +287,10 @@ def _load_gguf_model(source: HFSource) -> tuple[Any, Any]:
     """
     for package, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(package) is None:
-            raise SPDError(f"loading a .gguf file needs the package {pip_name}; install it with: pip install {pip_name}")
+            raise SPDError(
+                f"loading a .gguf file needs the package {pip_name}; "
+                f"install it with: pip install {pip_name}"
+            )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("loading %s (dequantizing GGUF, this takes a while)", source.path)

@@ -94,9 +94,6 @@ def build_stage_model(arch: ArchSpec, placement: StagePlacement, dtype: str, spe
     from megatron.core.models.gpt import GPTModel
 
     config = to_transformer_config(arch, placement, dtype, fp8)
-    rope_kwargs = {}
-    if arch.rope_scaling is not None:
-        rope_kwargs = dict(rope_scaling=True, rope_scaling_factor=arch.rope_scaling.factor)
     model = GPTModel(
         config,
         build_layer_spec(spec_name, arch.qk_layernorm),
@@ -107,7 +104,24 @@ def build_stage_model(arch: ArchSpec, placement: StagePlacement, dtype: str, spe
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,
-        **rope_kwargs,
     )
+    if arch.rope_scaling is not None:
+        apply_llama3_rope_scaling(model.rotary_pos_emb, arch)
     model.to(TORCH_DTYPES[dtype])  # RMSNorm weights are created fp32 even in bf16 mode
     return model.eval()
+
+
+def apply_llama3_rope_scaling(rotary, arch: ArchSpec) -> None:
+    """Llama-3 frequency scaling with the checkpoint's own factors.
+
+    GPTModel only passes ``factor`` and megatron hard-codes the other three (1, 4, 8192); we call
+    its scaling function with all four, before the first forward fills its lru_cache.
+    """
+    dim = arch.head_dim
+    base = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # [dim/2]
+    s = arch.rope_scaling
+    rotary.inv_freq = rotary._apply_scaling(
+        base.to(rotary.inv_freq.device), factor=s.factor, low_freq_factor=s.low_freq_factor,
+        high_freq_factor=s.high_freq_factor,
+        original_max_position_embeddings=s.original_max_position_embeddings,
+    )

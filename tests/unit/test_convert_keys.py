@@ -96,7 +96,8 @@ def test_every_hf_key_used_exactly_once(name):
     assert {k: tuple(v.shape) for k, v in mc.items()} == mcore_shapes(arch)
     assert torch.equal(mc["output_layer.weight"], sd["lm_head.weight"] if "lm_head.weight" in sd
                        else sd["model.embed_tokens.weight"])
-    used = [v.flatten() for k, v in mc.items() if not (arch.tie_word_embeddings and k == "output_layer.weight")]
+    copies = {"output_layer.weight"} if arch.tie_word_embeddings else set()
+    used = [v.flatten() for k, v in mc.items() if k not in copies]
     assert torch.equal(torch.cat(used).sort().values, torch.arange(offset, dtype=torch.float64))
 
 
@@ -241,12 +242,13 @@ def test_missing_extra_and_misshaped_keys_are_named():
         hf_to_mcore({**sd, "model.layers.0.mlp.down_proj.weight": torch.zeros(64, 127)}, arch)
     mc = hf_to_mcore(sd, arch)
     mc.pop("decoder.layers.0.mlp.linear_fc2.weight")
-    with pytest.raises(SPDError, match=r"megatron state dict is missing keys: decoder\.layers\.0\.mlp\.linear_fc2"):
+    with pytest.raises(SPDError, match=r"state dict is missing keys: decoder\.layers\.0\.mlp\.linear_fc2"):
         mcore_to_hf(mc, arch)
 
 
 def test_tp_not_dividing_query_groups_is_named():
-    arch = dataclasses.replace(arch_of("llama_untied"), num_attention_heads=6, num_query_groups=3, head_dim=16)
+    arch = dataclasses.replace(arch_of("llama_untied"), num_attention_heads=6, num_query_groups=3,
+                               head_dim=16)
     message = ("tensor_parallel_size=2 does not divide num_query_groups=3 of this model; "
                "pick a TP size that divides 3 (valid for this model: 1)")
     with pytest.raises(SPDError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -257,8 +259,9 @@ def test_tp_not_dividing_query_groups_is_named():
 
 
 def test_layer_keys_move_between_global_and_local():
-    assert global_to_local_key("decoder.layers.12.mlp.linear_fc1.weight", 10) == "decoder.layers.2.mlp.linear_fc1.weight"
-    assert local_to_global_key("decoder.layers.2.mlp.linear_fc1.weight", 10) == "decoder.layers.12.mlp.linear_fc1.weight"
+    fc1_global, fc1_local = "decoder.layers.12.mlp.linear_fc1.weight", "decoder.layers.2.mlp.linear_fc1.weight"
+    assert global_to_local_key(fc1_global, 10) == fc1_local
+    assert local_to_global_key(fc1_local, 10) == fc1_global
     assert global_to_local_key("output_layer.weight", 10) == "output_layer.weight"
     with pytest.raises(ValueError):
         global_to_local_key("decoder.layers.3.input_layernorm.weight", 4)
