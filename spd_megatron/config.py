@@ -116,7 +116,9 @@ def load_config(config: Optional[str] = None, overrides: Sequence[str] = ()) -> 
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise SPDError(f"bad config: {_first_line(err)}") from None
+        key = getattr(err, "full_key", None)
+        prefix = f"{key}: " if key and key not in _first_line(err) else ""
+        raise SPDError(f"bad config: {prefix}{_first_line(err)}") from None
     validate_config(cfg)
     return cfg
 

@@ -11,15 +11,26 @@ from spd_megatron.errors import SPDError
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then give one fun fact about it."
 
 
+BUILTIN_PROMPT_SETS = {p.stem: p for p in (Path(__file__).parent.parent / "data").glob("*.jsonl")}
+
+
+def resolve_prompts_file(path: str) -> Path:
+    """A jsonl path, or the name of a prompt set shipped with the package (mt_bench, humaneval)."""
+    file = Path(path)
+    if file.is_file():
+        return file
+    if path in BUILTIN_PROMPT_SETS:
+        return BUILTIN_PROMPT_SETS[path]
+    raise SPDError(f"prompts_file {path} does not exist (builtin sets: {', '.join(sorted(BUILTIN_PROMPT_SETS))})")
+
+
 def read_prompts_file(path: str, limit: int = 0) -> list[str]:
     """First turns of an EAGLE-format jsonl (``{"question_id", "turns": [...]}`` per line).
 
     Raises:
         SPDError: missing file, or a malformed line (the line number is named).
     """
-    file = Path(path)
-    if not file.is_file():
-        raise SPDError(f"prompts_file {path} does not exist")
+    file = resolve_prompts_file(path)
     prompts = []
     for lineno, line in enumerate(file.read_text().splitlines(), start=1):
         if not line.strip():

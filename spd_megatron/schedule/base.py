@@ -105,10 +105,10 @@ class SpeculativeSchedule(ABC):
         self._check_fits(len(prompt_ids), max_new_tokens)
         self.stats, self.on_token = DecodeStats(prompt_tokens=len(prompt_ids)), on_token
         self.stats.start()
-        wait_start = self.link.wait_seconds if self.link is not None else 0.0
         state = DecodeState(list(prompt_ids), len(prompt_ids), max_new_tokens, frozenset(eos_token_ids))
         self.prefill(state)
         self.stats.mark_first_token()
+        wait_start = self.link.wait_seconds if self.link is not None else 0.0
         while not state.finished:
             proposal = self.propose(state)
             out = self.advance(state, proposal)

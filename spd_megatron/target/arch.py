@@ -100,7 +100,7 @@ def arch_from_hf_config(hf_config: Any) -> ArchSpec:
         rope_theta=float(_rope_parameters(cfg).get("rope_theta", 10000.0)),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias")),
+        qkv_bias=family == "qwen2",
         qk_layernorm=family == "qwen3",
         sliding_window=_sliding_window(cfg, family),
         rope_scaling=_rope_scaling(cfg, architecture),
@@ -144,6 +144,8 @@ def _sliding_window(cfg: dict[str, Any], family: str) -> Optional[int]:
 
 
 def _reject_unsupported_options(cfg: dict[str, Any], architecture: str, family: str) -> None:
+    if cfg.get("attention_bias") and family != "qwen2":
+        raise SPDError(f"{architecture} with attention_bias=true (biased o_proj) is not supported")
     if cfg.get("mlp_bias"):
         raise SPDError(f"{architecture} with mlp_bias=true is not supported")
     if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
