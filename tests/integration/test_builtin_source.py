@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import transformers
@@ -20,9 +18,7 @@ def test_materialize_builtin_smollm2(tmp_path):
         assert (out / name).is_file(), name
     assert [p.name for p in tmp_path.iterdir()] == ["smollm2"]  # no temp folder left behind
 
-    start = time.perf_counter()
     hf_sd, config, tokenizer = sources.load_hf_state_dict(out)
-    assert time.perf_counter() - start < 30  # the point of materializing: no GGUF dequantization
     arch = arch_from_hf_config(config)
     assert (arch.family, arch.num_layers) == ("llama", 30)
     assert (arch.num_attention_heads, arch.num_query_groups, arch.head_dim) == (9, 3, 64)

@@ -1,0 +1,88 @@
+"""The decode job behind examples/decode.py: prompts in, streamed text, stats table and report out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import traceback
+from typing import Optional, Sequence
+
+from spd_megatron.config import SPDConfig, load_config
+from spd_megatron.errors import SPDError
+
+log = logging.getLogger(__name__)
+
+
+def collect_prompts(cfg: SPDConfig) -> list[str]:
+    from spd_megatron.eval.prompts import DEFAULT_PROMPT, read_prompts_file
+
+    if cfg.prompts_file:
+        return read_prompts_file(cfg.prompts_file, cfg.prompts_limit)
+    return [cfg.prompt or DEFAULT_PROMPT]
+
+
+def decode_prompts(engine, prompts: list[str]) -> list[dict]:
+    """Run every prompt on every rank; the returned report records are complete on rank 0."""
+    from spd_megatron.eval.prompts import encode_prompt
+    from spd_megatron.report import TextStreamer, result_record
+
+    cfg, tok = engine.cfg, engine.tokenizer
+    records = []
+    for text in prompts:
+        ids = encode_prompt(tok, text, cfg.chat_template, cfg.system_prompt)
+        streamer = TextStreamer(tok) if engine.ctx.rank == 0 and cfg.report.stream else None
+        if streamer:
+            print(f"\n>>> {text}\n", flush=True)
+        result = engine.schedule.generate(ids, cfg.max_new_tokens, engine.eos_token_ids, on_token=streamer)
+        if streamer:
+            streamer.end()
+        out_text = tok.decode(result.output_ids, skip_special_tokens=True)
+        records.append(result_record(text, ids, result.output_ids, out_text, result.stats))
+    return records
+
+
+def run_decode(cfg: SPDConfig, ctx=None) -> Optional[list[dict]]:
+    """Build the engine, decode the configured prompts; rank 0 prints the table and writes JSON."""
+    from spd_megatron.engine import build_engine
+    from spd_megatron.report import print_stats_table, summarize, write_report
+
+    prompts = collect_prompts(cfg)  # bad prompt files fail before any model work
+    engine = build_engine(cfg, ctx)
+    records = decode_prompts(engine, prompts)
+    if engine.ctx.rank != 0:
+        return None
+    title = (f"{cfg.schedule.name} | TP={engine.ctx.tp_size} PP={engine.ctx.pp_size} | "
+             f"{engine.checkpoint.name} {cfg.model.dtype}")
+    print_stats_table(records, title)
+    if cfg.report.json:
+        write_report(cfg.report.json, dataclasses.asdict(cfg), records, summarize(records))
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None, config: str = "default") -> int:
+    """CLI: ``[--config NAME|PATH] [key=value ...]``. Exit 0, 2 (bad input) or 1 (bug)."""
+    import argparse
+
+    from spd_megatron.parallel.init import read_launch_env, shutdown_parallel
+    from spd_megatron.parallel.link import report_failure
+
+    parser = argparse.ArgumentParser(prog="decode.py", description="Decode prompts (see README).")
+    parser.add_argument("--config", default=config, help="preset name (spd_megatron/configs) or YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rank = read_launch_env().rank
+    try:
+        run_decode(load_config(args.config, args.overrides))
+    except SPDError as err:
+        report_failure(rank, str(err))
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a bug: show it, and tell the other ranks
+        report_failure(rank, f"{type(err).__name__}: {err}")
+        traceback.print_exc()
+        return 1
+    finally:
+        shutdown_parallel()
+    return 0

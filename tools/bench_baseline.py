@@ -1,0 +1,434 @@
+#!/usr/bin/env python
+"""Baseline speed: HF ``generate`` vs our autoregressive schedule (PP=1, PP=2), plus p2p latency.
+
+    python tools/bench_baseline.py [--quick] [--repeats R] [--max-new-tokens N] [--out DIR]
+
+Runs, interleaved R times (A B C D A B C D ...) on the same prompts and max_new_tokens:
+  hf_t1 / hf_t2   HF transformers ``generate`` (greedy, KV cache) in this process with
+                  torch.set_num_threads(1 / 2); the model is loaded once.
+  ours_pp1/2      ``torchrun --standalone --nproc-per-node 1|2 examples/decode.py`` with
+                  schedule.name=autoregressive and OMP_NUM_THREADS=1 per rank; numbers come
+                  from its report.json (rank 0 = stage 0).
+Then a 2-process gloo ping-pong through StageLink (``--pingpong`` is that worker).
+
+Decode tok/s is (new_tokens - 1) / (time after the first token) for both stacks, summed over
+prompts. For HF, a streamer timestamps the first new token (``put`` after the prompt) and
+``end``; our DecodeStats measures the same interval. Output: a rich table, a JSON file with
+every raw sample and the medians, and a PNG bar chart next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path.home() / ".cache" / "spd_megatron"
+CONFIGS = ("hf_t1", "hf_t2", "ours_pp1", "ours_pp2")
+LABELS = {"hf_t1": "HF generate, 1 thread", "hf_t2": "HF generate, 2 threads",
+          "ours_pp1": "ours autoregressive PP=1", "ours_pp2": "ours autoregressive PP=2"}
+STAT_KEYS = ("decode_tokens_per_s", "ms_per_token", "new_tokens", "prefill_seconds", "decode_seconds",
+             "stage_compute_seconds", "comm_wait_seconds")
+PINGPONG_MODES = ("stagelink_sym", "stagelink_ring", "raw_send_recv")
+
+
+# ---- pure helpers (unit-tested) ---------------------------------------------------------------
+def percentile(values, q: float) -> float:
+    """q-th percentile (0..100) with linear interpolation between ranks (numpy's default)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values) -> float:
+    return percentile(values, 50.0)
+
+
+def aggregate_prompts(per_prompt: list[dict]) -> dict:
+    """One sample from per-prompt stats: totals, and decode tok/s over all decode time."""
+    total = {k: sum(p.get(k, 0.0) for p in per_prompt)
+             for k in ("new_tokens", "prefill_seconds", "decode_seconds", "stage_compute_seconds",
+                       "comm_wait_seconds")}
+    total["decode_tokens"] = sum(max(p["new_tokens"] - 1, 0) for p in per_prompt)
+    tok_s = total["decode_tokens"] / total["decode_seconds"] if total["decode_seconds"] > 0 else 0.0
+    total["decode_tokens_per_s"] = tok_s
+    total["ms_per_token"] = 1000.0 / tok_s if tok_s > 0 else 0.0
+    return total
+
+
+def summarize_config(samples: list[dict]) -> dict:
+    """Medians over repeats of every stat, plus the min/max decode tok/s."""
+    out = {k: median([s[k] for s in samples]) for k in STAT_KEYS + ("decode_tokens",)}
+    rates = [s["decode_tokens_per_s"] for s in samples]
+    out.update(repeats=len(samples), tok_s_min=min(rates), tok_s_max=max(rates))
+    return out
+
+
+def overhead_summary(summaries: dict) -> dict:
+    """Per-token overhead of our stack over HF at the same parallelism (1 thread, 1 process)."""
+    if "ours_pp1" not in summaries or "hf_t1" not in summaries:
+        return {}
+    ours, hf = summaries["ours_pp1"]["ms_per_token"], summaries["hf_t1"]["ms_per_token"]
+    return {"ours_pp1_ms_per_token": ours, "hf_t1_ms_per_token": hf, "overhead_ms_per_token": ours - hf,
+            "overhead_ratio": ours / hf if hf > 0 else float("nan")}
+
+
+def rank0_split(summary: dict) -> dict:
+    """Rank 0's decode time per token: comm wait, the rest, and stage compute bounds.
+
+    ``stage_compute_seconds`` in the stats also counts the prefill forwards, so the decode-only
+    compute lies between (stage compute - prefill seconds) and stage compute.
+    """
+    tokens = max(summary["decode_tokens"], 1)
+    per_tok = {k: 1000.0 * summary[k] / tokens
+               for k in ("decode_seconds", "comm_wait_seconds", "stage_compute_seconds", "prefill_seconds")}
+    return {"decode_ms": per_tok["decode_seconds"], "comm_wait_ms": per_tok["comm_wait_seconds"],
+            "not_waiting_ms": per_tok["decode_seconds"] - per_tok["comm_wait_seconds"],
+            "compute_ms_hi": per_tok["stage_compute_seconds"],
+            "compute_ms_lo": max(per_tok["stage_compute_seconds"] - per_tok["prefill_seconds"], 0.0),
+            "comm_wait_fraction": summary["comm_wait_seconds"] / summary["decode_seconds"]
+            if summary["decode_seconds"] > 0 else 0.0}
+
+
+def latency_summary(rtt_seconds: list[float]) -> dict:
+    """One-way latency (RTT / 2) percentiles in microseconds."""
+    one_way = [1e6 * r / 2 for r in rtt_seconds]
+    return {"n": len(one_way), "one_way_us_median": median(one_way), "one_way_us_p90": percentile(one_way, 90),
+            "one_way_us_p99": percentile(one_way, 99), "rtt_us_median": 2 * median(one_way)}
+
+
+def build_summary(samples: dict, pingpong: dict) -> dict:
+    """The JSON ``summary``: medians per config, overhead, PP=2 split, p2p latency."""
+    summaries = {name: summarize_config(s) for name, s in samples.items() if s}
+    out = {"configs": summaries, "overhead": overhead_summary(summaries),
+           "p2p": {mode: latency_summary(rtts) for mode, rtts in pingpong.items()}}
+    for name in ("ours_pp1", "ours_pp2"):
+        if name in summaries:
+            out[f"{name}_rank0_split"] = rank0_split(summaries[name])
+    return out
+
+
+def interleaved_order(configs, repeats: int) -> list[tuple[str, int]]:
+    """[(config, repeat)] as A B C D A B C D ..."""
+    return [(c, r) for r in range(repeats) for c in configs]
+
+
+# ---- HF generate ------------------------------------------------------------------------------
+class TimingStreamer:
+    """A transformers streamer that timestamps the first new token and the end of generation."""
+
+    def __init__(self) -> None:
+        self.puts, self.t_first, self.t_end = 0, 0.0, 0.0
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the 1st put is the prompt, the 2nd the first new token
+            self.t_first = time.perf_counter()
+
+    def end(self) -> None:
+        self.t_end = time.perf_counter()
+
+
+def load_hf(hf_dir: str):
+    """The HF model (fp32, eval) from a local folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
+
+
+def hf_generate(model, ids: list[int], max_new_tokens: int) -> dict:
+    """Greedy ``generate`` of one prompt; per-prompt stats with our DecodeStats keys."""
+    import torch
+
+    input_ids = torch.tensor([ids], dtype=torch.long)  # [1, prompt_len]
+    streamer = TimingStreamer()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             streamer=streamer, pad_token_id=model.generation_config.eos_token_id)
+    new_ids = out[0, len(ids):].tolist()
+    return {"prompt_tokens": len(ids), "new_tokens": len(new_ids), "prefill_seconds": streamer.t_first - t0,
+            "decode_seconds": streamer.t_end - streamer.t_first, "output_ids": new_ids}
+
+
+def run_hf(model, prompt_ids: list[list[int]], max_new_tokens: int, threads: int) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(threads)
+    return [hf_generate(model, ids, max_new_tokens) for ids in prompt_ids]
+
+
+# ---- our stack --------------------------------------------------------------------------------
+def torchrun_cmd(nproc: int, script: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            script, *args]
+
+
+def run_subprocess(cmd: list[str], log_file: Path, threads: int = 1) -> None:
+    """Run a torchrun job with OMP_NUM_THREADS set; its output goes to ``log_file``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    with open(log_file, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900)
+    if proc.returncode != 0:
+        tail = log_file.read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc={proc.returncode}); log {log_file}:\n{tail}")
+
+
+def run_ours(pp: int, args, out_dir: Path, tag: str) -> list[dict]:
+    """examples/decode.py at PP=pp; returns the per-prompt stats of its report (+ ids)."""
+    report = out_dir / "raw" / f"{tag}.json"
+    overrides = [f"prompts_file={args.prompts}", f"prompts_limit={args.prompts_limit}",
+                 f"max_new_tokens={args.max_new_tokens}", f"parallel.pipeline_parallel_size={pp}",
+                 "schedule.name=autoregressive", "model.dtype=float32", "report.stream=false",
+                 f"model.checkpoint={args.checkpoint}", f"report.json={report}"]
+    run_subprocess(torchrun_cmd(pp, "examples/decode.py", overrides), out_dir / "logs" / f"{tag}.log")
+    results = json.loads(report.read_text())["results"]
+    return [dict(r["stats"], output_ids=r["output_ids"], prompt_ids=r["prompt_ids"]) for r in results]
+
+
+# ---- p2p ping-pong (the --pingpong worker, launched by torchrun) ------------------------------
+def _links(rank: int, hidden: int):
+    """StageLinks of a 2-stage ring: 'sym' sends header+hidden both ways, 'ring' as decode does."""
+    import torch
+
+    from spd_megatron.parallel.link import StageLink
+
+    peer = 1 - rank
+    sym = StageLink(rank, peer, peer, 0, 1, hidden, torch.float32, timeout_s=60)
+    ring = StageLink(rank, None if rank == 0 else 0, 1 if rank == 0 else None, 0, 1, hidden,
+                     torch.float32, timeout_s=60)
+    return sym, ring
+
+
+def _round_trip(mode: str, rank: int, links, payload) -> None:
+    """One round trip rank 0 -> 1 -> 0 in the given mode."""
+    import torch.distributed as dist
+
+    from spd_megatron.parallel.link import Header, Op
+
+    sym, ring = links
+    header = Header(Op.STEP, 7, 1, -1)
+    if mode == "raw_send_recv":
+        for src, dst in ((0, 1), (1, 0)):
+            if rank == src:
+                dist.send(header.to_tensor(), dst)
+                dist.send(payload, dst)
+            else:
+                dist.recv(header.to_tensor(), src)
+                dist.recv(payload, src)
+        return
+    link = sym if mode == "stagelink_sym" else ring
+    first = rank == 0
+    if not first:
+        link.recv_prev()
+        link.recv_hidden(1)
+    if mode == "stagelink_ring" and not first:
+        link.send_to_first(Header(Op.TOKEN, 8, 0, 42))  # the feedback edge: header only
+    else:
+        link.send_next(header, payload)
+    link.flush()
+    if first and mode == "stagelink_ring":
+        link.recv_from_last()
+    elif first:
+        link.recv_prev()
+        link.recv_hidden(1)
+
+
+def pingpong_worker(iters: int, hidden: int, out: str) -> int:
+    """Time ``iters`` round trips per mode on 2 gloo ranks; rank 0 writes the RTTs (seconds)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    links, payload = _links(rank, hidden), torch.randn(1, 1, hidden)  # [1, 1, h] as one decode hop
+    rtts = {}
+    for mode in PINGPONG_MODES:
+        for _ in range(100):  # warm-up
+            _round_trip(mode, rank, links, payload)
+        dist.barrier()
+        samples = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            _round_trip(mode, rank, links, payload)
+            samples.append(time.perf_counter() - t0)
+        rtts[mode] = samples
+        dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(rtts))
+    dist.destroy_process_group()
+    return 0
+
+
+def run_pingpong(args, out_dir: Path) -> dict:
+    out = out_dir / "raw" / "pingpong.json"
+    cmd = torchrun_cmd(2, str(Path(__file__).resolve()),
+                       ["--pingpong", "--iters", str(args.pingpong_iters), "--pingpong-out", str(out)])
+    run_subprocess(cmd, out_dir / "logs" / "pingpong.log")
+    return json.loads(out.read_text())
+
+
+# ---- machine, output ----------------------------------------------------------------------------
+def machine_info() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__,
+            "python": platform.python_version(), "loadavg_1min_start": os.getloadavg()[0],
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def token_agreement(samples: dict) -> dict:
+    """Do HF (1 thread) and ours (PP=1, PP=2) produce the same greedy tokens? (first repeat)"""
+    if not samples.get("hf_t1"):
+        return {}
+    ref = [p["output_ids"] for p in samples["hf_t1"][0]["per_prompt"]]
+    return {name: sum(a == p["output_ids"] for a, p in zip(ref, samples[name][0]["per_prompt"]))
+            for name in ("ours_pp1", "ours_pp2") if samples.get(name)}
+
+
+def print_tables(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Decode speed (medians over repeats)")
+    for col in ("config", "decode tok/s", "min..max", "ms/tok", "new tok", "prefill s", "rank-0 comm wait ms/tok"):
+        table.add_column(col, justify="right")
+    for name, s in summary["configs"].items():
+        wait = 1000 * s["comm_wait_seconds"] / max(s["decode_tokens"], 1)
+        table.add_row(LABELS[name], f"{s['decode_tokens_per_s']:.2f}", f"{s['tok_s_min']:.2f}..{s['tok_s_max']:.2f}",
+                      f"{s['ms_per_token']:.1f}", f"{s['new_tokens']:.0f}", f"{s['prefill_seconds']:.2f}",
+                      f"{wait:.1f}" if name.startswith("ours") else "-")
+    p2p = Table(title="p2p latency, 2 gloo ranks, [1,1,576] fp32 + 4-int64 header")
+    for col in ("mode", "one-way median µs", "p90 µs", "p99 µs", "n"):
+        p2p.add_column(col, justify="right")
+    for mode, s in summary["p2p"].items():
+        p2p.add_row(mode, f"{s['one_way_us_median']:.0f}", f"{s['one_way_us_p90']:.0f}",
+                    f"{s['one_way_us_p99']:.0f}", str(s["n"]))
+    console = Console(width=140)
+    console.print(table, p2p)
+    console.print_json(json.dumps({k: v for k, v in summary.items() if k not in ("configs", "p2p")}))
+
+
+def plot_chart(samples: dict, summary: dict, path: Path) -> None:
+    """Bars: median decode tok/s per config; dots: the raw repeats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["configs"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    medians = [summary["configs"][n]["decode_tokens_per_s"] for n in names]
+    bars = ax.bar(range(len(names)), medians, color=["#999999", "#bbbbbb", "#1f77b4", "#ff7f0e"][:len(names)])
+    for i, n in enumerate(names):
+        ax.plot([i] * len(samples[n]), [s["decode_tokens_per_s"] for s in samples[n]], "k.", ms=6)
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_xticks(range(len(names)), [LABELS[n].replace(", ", "\n").replace(" PP", "\nPP") for n in names])
+    ax.set_ylabel("decode tokens/s (greedy, batch 1)")
+    ax.set_title("SmolLM2-135M-Instruct fp32, 2-core CPU: median (bars), repeats (dots)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+def encode_prompts(args) -> tuple[list[str], list[list[int]]]:
+    from transformers import AutoTokenizer
+
+    from spd_megatron.eval.prompts import encode_prompt, read_prompts_file
+
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
+    texts = read_prompts_file(args.prompts, args.prompts_limit)
+    return texts, [encode_prompt(tokenizer, t) for t in texts]
+
+
+def run_one(name: str, rep: int, args, out_dir: Path, model, prompt_ids) -> list[dict]:
+    if name.startswith("hf_t"):
+        return run_hf(model, prompt_ids, args.max_new_tokens, int(name[-1]))
+    per_prompt = run_ours(int(name[-1]), args, out_dir, f"{name}_r{rep}")
+    if [p.pop("prompt_ids") for p in per_prompt] != prompt_ids:
+        raise RuntimeError(f"{name}: decode.py encoded the prompts differently from this script")
+    return per_prompt
+
+
+def run_benchmark(args) -> dict:
+    """Every config R times, interleaved; then the ping-pong; returns the JSON document."""
+    from tqdm import tqdm
+
+    out_dir = Path(args.out)
+    for sub in ("raw", "logs"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    meta = dict(machine_info(), argv=sys.argv, args=vars(args))
+    print(f"1-min loadavg before start: {meta['loadavg_1min_start']:.2f} (nproc {meta['nproc']})", flush=True)
+    texts, prompt_ids = encode_prompts(args)
+    model = load_hf(args.hf) if any(c.startswith("hf") for c in args.configs) else None
+    if model is not None:
+        run_hf(model, prompt_ids[:1], 2, 1)  # warm-up: first-call allocations
+    samples = {c: [] for c in args.configs}
+    for name, rep in tqdm(interleaved_order(args.configs, args.repeats), desc="runs", unit="run"):
+        per_prompt = run_one(name, rep, args, out_dir, model, prompt_ids)
+        samples[name].append(dict(aggregate_prompts(per_prompt), repeat=rep, per_prompt=per_prompt))
+    pingpong = run_pingpong(args, out_dir) if args.pingpong_iters > 0 else {}
+    meta["loadavg_1min_end"] = os.getloadavg()[0]
+    summary = build_summary(samples, pingpong)
+    summary["greedy_prompts_identical_to_hf_t1"] = token_agreement(samples)
+    return {"meta": meta, "prompts": texts, "prompt_ids": prompt_ids, "summary": summary,
+            "samples": samples, "pingpong_rtt_seconds": pingpong}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 prompt x 24 tokens, R=1, 300 pings")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every config")
+    p.add_argument("--prompts", default="mt_bench", help="builtin prompt set name or jsonl path")
+    p.add_argument("--prompts-limit", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    p.add_argument("--iters", dest="pingpong_iters", type=int, default=2000, help="ping-pong round trips (0: skip)")
+    p.add_argument("--hf", default=str(CACHE / "hf" / "smollm2-135m-instruct"), help="HF model folder")
+    p.add_argument("--checkpoint", default=str(CACHE / "checkpoints" / "smollm2-135m-instruct-float32"))
+    p.add_argument("--out", default=str(REPO / "runs" / "bench_baseline"), help="output folder")
+    p.add_argument("--pingpong", action="store_true", help=argparse.SUPPRESS)  # the torchrun worker
+    p.add_argument("--pingpong-out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts_limit, args.max_new_tokens, args.repeats, args.pingpong_iters = 1, 24, 1, 300
+    args.configs = [c for c in args.configs.split(",") if c]
+    if unknown := set(args.configs) - set(CONFIGS):
+        p.error(f"unknown configs {sorted(unknown)}; choose from {','.join(CONFIGS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.pingpong:
+        return pingpong_worker(args.pingpong_iters, 576, args.pingpong_out)
+    doc = run_benchmark(args)
+    out_dir = Path(args.out)
+    (out_dir / "bench_baseline.json").write_text(json.dumps(doc, indent=1))
+    plot_chart(doc["samples"], doc["summary"], out_dir / "bench_baseline.png")
+    print_tables(doc["summary"])
+    print(f"wrote {out_dir / 'bench_baseline.json'} and {out_dir / 'bench_baseline.png'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
