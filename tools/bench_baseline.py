@@ -20,7 +20,6 @@ every raw sample and the medians, and a PNG bar chart next to it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -49,8 +48,7 @@ def percentile(values, q: float) -> float:
     if not xs:
         return float("nan")
     pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
@@ -209,45 +207,39 @@ def _links(rank: int, hidden: int):
 
     from spd_megatron.parallel.link import StageLink
 
-    peer = 1 - rank
-    sym = StageLink(rank, peer, peer, 0, 1, hidden, torch.float32, timeout_s=60)
-    ring = StageLink(rank, None if rank == 0 else 0, 1 if rank == 0 else None, 0, 1, hidden,
-                     torch.float32, timeout_s=60)
-    return sym, ring
+    prev_rank, next_rank = (None, 1) if rank == 0 else (0, None)
+    return (StageLink(rank, 1 - rank, 1 - rank, 0, 1, hidden, torch.float32, timeout_s=60),
+            StageLink(rank, prev_rank, next_rank, 0, 1, hidden, torch.float32, timeout_s=60))
 
 
 def _round_trip(mode: str, rank: int, links, payload) -> None:
-    """One round trip rank 0 -> 1 -> 0 in the given mode."""
-    import torch.distributed as dist
-
+    """One round trip rank 0 -> 1 -> 0: header + [1, 1, h] out, and back as ``mode`` says."""
     from spd_megatron.parallel.link import Header, Op
 
-    sym, ring = links
     header = Header(Op.STEP, 7, 1, -1)
     if mode == "raw_send_recv":
-        for src, dst in ((0, 1), (1, 0)):
-            if rank == src:
-                dist.send(header.to_tensor(), dst)
-                dist.send(payload, dst)
-            else:
-                dist.recv(header.to_tensor(), src)
-                dist.recv(payload, src)
-        return
-    link = sym if mode == "stagelink_sym" else ring
-    first = rank == 0
-    if not first:
-        link.recv_prev()
-        link.recv_hidden(1)
-    if mode == "stagelink_ring" and not first:
+        return _raw_round_trip(rank, header.to_tensor(), payload)
+    link = links[0] if mode == "stagelink_sym" else links[1]
+    if rank == 1:
+        link.recv_hidden(link.recv_prev().count)
+    if mode == "stagelink_ring" and rank == 1:
         link.send_to_first(Header(Op.TOKEN, 8, 0, 42))  # the feedback edge: header only
     else:
         link.send_next(header, payload)
     link.flush()
-    if first and mode == "stagelink_ring":
+    if rank == 0 and mode == "stagelink_ring":
         link.recv_from_last()
-    elif first:
-        link.recv_prev()
-        link.recv_hidden(1)
+    elif rank == 0:
+        link.recv_hidden(link.recv_prev().count)
+
+
+def _raw_round_trip(rank: int, header, payload) -> None:
+    """Plain blocking dist.send/recv of the header and the hidden, both ways."""
+    import torch.distributed as dist
+
+    for src, dst in ((0, 1), (1, 0)):
+        for tensor in (header, payload):
+            dist.send(tensor, dst) if rank == src else dist.recv(tensor, src)
 
 
 def pingpong_worker(iters: int, hidden: int, out: str) -> int:
@@ -292,7 +284,7 @@ def machine_info() -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "torch": torch.__version__,
             "python": platform.python_version(), "loadavg_1min_start": os.getloadavg()[0],
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def token_agreement(samples: dict) -> dict:
@@ -340,7 +332,7 @@ def plot_chart(samples: dict, summary: dict, path: Path) -> None:
     bars = ax.bar(range(len(names)), medians, color=["#999999", "#bbbbbb", "#1f77b4", "#ff7f0e"][:len(names)])
     for i, n in enumerate(names):
         ax.plot([i] * len(samples[n]), [s["decode_tokens_per_s"] for s in samples[n]], "k.", ms=6)
-    ax.bar_label(bars, fmt="%.1f")
+    ax.bar_label(bars, fmt="%.1f", padding=5)
     ax.set_xticks(range(len(names)), [LABELS[n].replace(", ", "\n").replace(" PP", "\nPP") for n in names])
     ax.set_ylabel("decode tokens/s (greedy, batch 1)")
     ax.set_title("SmolLM2-135M-Instruct fp32, 2-core CPU: median (bars), repeats (dots)")
