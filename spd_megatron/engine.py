@@ -73,8 +73,9 @@ def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLin
         return None
     prev_rank = None if ctx.is_first_stage else ctx.stage_rank(ctx.pp_rank - 1)
     next_rank = None if ctx.is_last_stage else ctx.stage_rank(ctx.pp_rank + 1)
-    return StageLink(ctx.rank, prev_rank, next_rank, ctx.stage_rank(0), ctx.stage_rank(ctx.pp_size - 1),
-                     arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s)
+    stage_ranks = [ctx.stage_rank(s) for s in range(ctx.pp_size)]
+    return StageLink(ctx.rank, prev_rank, next_rank, stage_ranks[0], stage_ranks[-1],
+                     arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks)
 
 
 def build_schedule(cfg: SPDConfig, stage: TargetStage, link: StageLink | None) -> SpeculativeSchedule:

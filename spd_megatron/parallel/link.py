@@ -29,23 +29,33 @@ class Op(IntEnum):
     STEP = 2  # process `count` decode tokens starting at `position`
     TOKEN = 3  # last stage -> first stage: the next token is `token`
     STOP = 4  # finish the sequence
-    ROLLBACK = 5  # truncate the cache to `position`
+    REPORT = 5  # stage -> draft rank: anchors (and, from the last stage, logits) of `count` tokens
 
 
 @dataclass(frozen=True)
 class Header:
+    """A fixed 5-int64 message head: what to do, where, how many tokens, a token id, the epoch.
+
+    epoch counts rejects: a message with a newer epoch than the receiver's tells it to truncate its
+    KV cache to ``position`` first (rollback rides on the corrected token's own message).
+    """
+
     op: Op
     position: int = 0
     count: int = 0
     token: int = -1
+    epoch: int = 0
+
+    SIZE = 5
 
     def to_tensor(self) -> Tensor:
-        return torch.tensor([int(self.op), self.position, self.count, self.token], dtype=torch.long)
+        return torch.tensor([int(self.op), self.position, self.count, self.token, self.epoch],
+                            dtype=torch.long)
 
     @classmethod
     def from_tensor(cls, t: Tensor) -> "Header":
-        op, position, count, token = (int(x) for x in t.tolist())
-        return cls(Op(op), position, count, token)
+        op, position, count, token, epoch = (int(x) for x in t.tolist())
+        return cls(Op(op), position, count, token, epoch)
 
 
 class StageLink:
@@ -55,14 +65,16 @@ class StageLink:
         rank: this process's global rank.
         prev_rank / next_rank: global ranks of the neighbouring stages (None at the ends).
         first_rank / last_rank: global ranks of stage 0 and the last stage in this TP slot.
+        stage_ranks: global rank of every stage in this TP slot (for reports to/from any stage).
         hidden_size, dtype: the hidden-state payload.
         timeout_s: longest wait for any message.
     """
 
     def __init__(self, rank: int, prev_rank: Optional[int], next_rank: Optional[int],
                  first_rank: int, last_rank: int, hidden_size: int, dtype: torch.dtype,
-                 timeout_s: float) -> None:
+                 timeout_s: float, stage_ranks: Optional[list[int]] = None) -> None:
         self.rank = rank
+        self.stage_ranks = stage_ranks or [first_rank, last_rank]  # global rank of each stage
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.first_rank, self.last_rank = first_rank, last_rank
         self.hidden_size, self.dtype = hidden_size, dtype
@@ -72,6 +84,8 @@ class StageLink:
 
     # ---- sends: asynchronous; buffers stay alive until the next flush ------------------------
     def _isend(self, tensor: Tensor, dst: int) -> None:
+        if len(self._pending_sends) > 64:  # keep the list short in long decodes
+            self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
         self._pending_sends.append((dist.isend(tensor, dst), tensor))
 
     def flush(self) -> None:
@@ -86,13 +100,13 @@ class StageLink:
         if hidden is not None:
             self._isend(hidden.contiguous(), self.next_rank)
 
-    def send_to_first(self, header: Header) -> None:
-        """Last stage -> stage 0 (the token feedback edge of the ring)."""
-        self._isend(header.to_tensor(), self.first_rank)
+    def send_to_first(self, header: Header, *tensors: Tensor) -> None:
+        """To stage 0 (the token feedback edge of the ring; reports to a draft on stage 0)."""
+        self.send_to(self.first_rank, header, *tensors)
 
     # ---- receives: blocking with a timeout --------------------------------------------------
     def recv_header(self, src: int) -> Header:
-        buf = torch.empty(4, dtype=torch.long)
+        buf = torch.empty(Header.SIZE, dtype=torch.long)
         self._wait(dist.irecv(buf, src), "header from", src)
         return Header.from_tensor(buf)
 
@@ -100,6 +114,18 @@ class StageLink:
         """[count, 1, h] from the previous stage."""
         buf = torch.empty(count, 1, self.hidden_size, dtype=self.dtype)
         self._wait(dist.irecv(buf, self.prev_rank), "hidden states from", self.prev_rank)
+        return buf
+
+    def send_to(self, dst: int, header: Header, *tensors: Tensor) -> None:
+        """A header and payload tensors to any rank of this TP slot (e.g. a report to the draft rank)."""
+        self._isend(header.to_tensor(), dst)
+        for tensor in tensors:
+            self._isend(tensor.contiguous(), dst)
+
+    def recv_tensor(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A payload of known shape from ``src`` (shapes are fixed by the protocol, never sent)."""
+        buf = torch.empty(shape, dtype=dtype)
+        self._wait(dist.irecv(buf, src), "payload from", src)
         return buf
 
     def recv_prev(self) -> Header:

@@ -9,3 +9,4 @@ from spd_megatron.schedule.base import (  # noqa: F401
 )
 from spd_megatron.schedule.state import DecodeState, Verdict  # noqa: F401
 import spd_megatron.schedule.autoregressive  # noqa: F401,E402  (registers "autoregressive")
+import spd_megatron.schedule.spd  # noqa: F401,E402  (registers "spd")

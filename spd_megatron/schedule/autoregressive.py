@@ -47,7 +47,7 @@ class AutoregressiveSchedule(SpeculativeSchedule):
         verdict = self._decide(state, logits[0, -1]) if self.is_last else None
         verdict = self.deliver(state, verdict)
         if verdict is not None:
-            self.commit(state, verdict)
+            self.commit(state, None, verdict)
 
     def _prefill_first(self, state: DecodeState) -> Tensor:
         ids = torch.tensor([state.tokens], dtype=torch.long)  # [1, prompt_len]
@@ -86,7 +86,9 @@ class AutoregressiveSchedule(SpeculativeSchedule):
             verdict = self._decide(state, out[0, -1])
         return self.deliver(state, verdict)
 
-    def commit(self, state: DecodeState, verdict: Verdict) -> None:
+    def commit(self, state: DecodeState, proposal, verdict: Optional[Verdict]) -> None:
+        if verdict is None:  # a middle stage, or the last stage after STOP
+            return
         state.commit(verdict)
         if self.is_first:
             self.emit(state)

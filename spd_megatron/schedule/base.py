@@ -18,7 +18,7 @@ The loop (do not override ``generate``; override hooks)::
         proposal = propose(state)           # draft for the next position, or None
         out = advance(state, proposal)      # every stage moves its in-flight token one stage
         verdict = verify(state, out)        # decided on the last stage, known where needed
-        commit(state, verdict) if verdict is None or verdict.accepted else rollback(state, verdict)
+        commit(state, proposal, verdict) if verdict is None or verdict.accepted else rollback(state, verdict)
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ class SpeculativeSchedule(ABC):
             verdict = self.verify(state, out, proposal)
             if verdict is not None and not verdict.accepted and self.has_draft:
                 self.rollback(state, verdict)
-            elif verdict is not None:
-                self.commit(state, verdict)
+            else:
+                self.commit(state, proposal, verdict)
             state.cycle += 1
         self.finish(state)
         self.stats.finish()
@@ -165,8 +165,8 @@ class SpeculativeSchedule(ABC):
         """Decide the next token from the exiting logits; None where nothing is decided."""
 
     @abstractmethod
-    def commit(self, state: DecodeState, verdict: Verdict) -> None:
-        """Record an accepted (or bonus) token and admit the next input."""
+    def commit(self, state: DecodeState, proposal, verdict: Optional[Verdict]) -> None:
+        """Record an accepted (or bonus) token if any, and admit the proposal as the next input."""
 
     def rollback(self, state: DecodeState, verdict: Verdict) -> None:
         """Drop in-flight tokens after ``verdict.position``, truncate caches, admit the recovered token."""
