@@ -57,9 +57,23 @@ class ParallelConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "autoregressive"
-    """Decode schedule from the registry (spd_megatron.schedule): autoregressive, ..."""
+    """Decode schedule from the registry (spd_megatron.schedule): autoregressive, spd."""
     prefill_chunk_size: int = 256
     """Prompt tokens per prefill message; chunks pipeline across stages. 0: whole prompt."""
+
+
+@dataclass
+class DraftConfig:
+    path: str = ""
+    """PDM checkpoint folder (tools/train_draft.py). Empty: a randomly initialised PDM."""
+    placement: str = "colocated"
+    """colocated: the PDM runs on pipeline stage 0 (give it fewer layers via layers_per_stage)."""
+    num_layers: int = 1
+    """Transformer layers of a randomly initialised PDM (a trained one brings its own)."""
+    anchors: list[int] = field(default_factory=list)
+    """Hidden-state indices the PDM aggregates (random PDM). Empty: the spec's auto rule."""
+    seed: int = 0
+    """Seed of a randomly initialised PDM."""
 
 
 @dataclass
@@ -87,6 +101,7 @@ class SPDConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     prompt: str = ""
@@ -161,6 +176,9 @@ def validate_config(cfg: SPDConfig) -> None:
         (cfg.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
         (cfg.prompts_limit >= 0, "prompts_limit must be >= 0"),
         (not (cfg.prompt and cfg.prompts_file), "give prompt= or prompts_file=, not both"),
+        (cfg.draft.placement == "colocated",
+         f"draft.placement={cfg.draft.placement}: only 'colocated' is implemented so far"),
+        (cfg.draft.num_layers >= 1, "draft.num_layers must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

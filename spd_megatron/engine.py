@@ -78,9 +78,47 @@ def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLin
                      arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks)
 
 
-def build_schedule(cfg: SPDConfig, stage: TargetStage, link: StageLink | None) -> SpeculativeSchedule:
+def build_draft(cfg: SPDConfig, ckpt: Path, stage: TargetStage, ctx: ParallelContext):
+    """The PDM config on every rank (for the anchor taps), its module on stage 0 only."""
+    from spd_megatron.draft.features import check_anchors, default_anchors
+    from spd_megatron.draft.pdm import PDMConfig, PDMDraft, check_pdm_matches, read_pdm_config
+
+    split = list(stage.placement.layers_per_stage)
+    if cfg.draft.path:
+        pdm_cfg = read_pdm_config(cfg.draft.path)
+        check_pdm_matches(pdm_cfg, stage.arch, split)
+    else:
+        anchors = check_anchors(cfg.draft.anchors or default_anchors(split), stage.arch.num_layers)
+        pdm_cfg = PDMConfig(split, anchors, cfg.draft.num_layers, target=stage.arch.to_dict())
+    if not stage.placement.is_first:
+        return None, pdm_cfg.anchors
+    return PDMDraft(load_pdm(cfg, ckpt, pdm_cfg, stage, ctx)), pdm_cfg.anchors
+
+
+def load_pdm(cfg: SPDConfig, ckpt: Path, pdm_cfg, stage: TargetStage, ctx: ParallelContext):
+    """Build the PDM; trained weights from draft.path, else random with the target's norm and head."""
+    from spd_megatron.draft.pdm import PipelineDraftModule, init_from_target, load_pdm_weights
+
+    torch.manual_seed(cfg.draft.seed)
+    module = PipelineDraftModule(pdm_cfg, stage.arch, ctx.tp_rank, ctx.tp_size, cfg.model.dtype,
+                                 cfg.model.max_seq_len).eval()
+    with torch.no_grad():
+        if cfg.draft.path:
+            load_pdm_weights(module, cfg.draft.path)
+        else:
+            init_from_target(module, ckpt)
+    return module
+
+
+def build_schedule(cfg: SPDConfig, stage: TargetStage, link: StageLink | None,
+                   ckpt: Path | None = None, ctx: ParallelContext | None = None) -> SpeculativeSchedule:
     sampling = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p)
-    schedule = get_schedule_class(cfg.schedule.name)(stage, link, sampling, seed=cfg.sampling.seed)
+    cls = get_schedule_class(cfg.schedule.name)
+    kwargs = {}
+    if cls.has_draft:
+        draft, anchors = build_draft(cfg, ckpt, stage, ctx)
+        kwargs = dict(draft=draft, anchors=anchors)
+    schedule = cls(stage, link, sampling, seed=cfg.sampling.seed, **kwargs)
     schedule.prefill_chunk_size = cfg.schedule.prefill_chunk_size
     return schedule
 
@@ -98,6 +136,6 @@ def build_engine(cfg: SPDConfig, ctx: ParallelContext | None = None) -> Engine:
     ckpt = resolve_checkpoint(cfg)
     arch = read_arch(ckpt)
     stage = build_stage(cfg, ctx, ckpt, arch)
-    schedule = build_schedule(cfg, stage, build_link(cfg, ctx, arch))
+    schedule = build_schedule(cfg, stage, build_link(cfg, ctx, arch), ckpt, ctx)
     eos = tuple(read_record(ckpt).get("eos_token_ids", ()))
     return Engine(cfg, ctx, ckpt, arch, load_tokenizer(ckpt), stage, schedule, eos)

@@ -48,23 +48,52 @@ def summarize(results: list[dict]) -> dict:
     decode_s = sum(r["stats"]["decode_seconds"] for r in results)
     prefill_s = sum(r["stats"]["prefill_seconds"] for r in results)
     decode_tokens = sum(max(r["stats"]["new_tokens"] - 1, 0) for r in results)
-    return {"prompts": len(results), "new_tokens": new, "prefill_seconds": prefill_s,
-            "decode_seconds": decode_s,
-            "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0}
+    verified = sum(r["stats"].get("verified", 0) for r in results)
+    accepted = sum(r["stats"].get("accepted", 0) for r in results)
+    cycles = sum(r["stats"].get("cycles", 0) for r in results)
+    depth = results[0]["stats"].get("pipeline_depth", 1) if results else 1
+    summary = {"prompts": len(results), "new_tokens": new, "prefill_seconds": prefill_s,
+               "decode_seconds": decode_s,
+               "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0}
+    if verified:  # pooled over prompts, and the mean of per-prompt values (the paper reports both)
+        summary.update(
+            acceptance_rate=accepted / verified,
+            tokens_per_cycle=decode_tokens / cycles if cycles else 0.0,
+            equivalent_accept_length=depth * decode_tokens / cycles if cycles else 0.0,
+            mean_acceptance_rate=_mean(r["stats"]["acceptance_rate"] for r in results),
+            mean_equivalent_accept_length=_mean(r["stats"]["equivalent_accept_length"] for r in results),
+        )
+    return summary
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+_COLUMNS = [  # header, stats key, format
+    ("prompt tok", "prompt_tokens", "{}"), ("new tok", "new_tokens", "{}"),
+    ("prefill s", "prefill_seconds", "{:.2f}"), ("decode s", "decode_seconds", "{:.2f}"),
+    ("decode tok/s", "decode_tokens_per_s", "{:.1f}"), ("ms/tok", "ms_per_token", "{:.1f}"),
+    ("stage s", "stage_compute_seconds", "{:.2f}"), ("wait s", "comm_wait_seconds", "{:.2f}"),
+]
+_SPD_COLUMNS = [
+    ("cycles", "cycles", "{}"), ("alpha", "acceptance_rate", "{:.3f}"),
+    ("tok/cycle", "tokens_per_cycle", "{:.3f}"), ("E", "equivalent_accept_length", "{:.2f}"),
+    ("rollbacks", "rollbacks", "{}"), ("draft s", "draft_seconds", "{:.2f}"),
+]
 
 
 def print_stats_table(results: list[dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    speculative = any(r["stats"].get("verified") for r in results)
+    columns = _COLUMNS + (_SPD_COLUMNS if speculative else []) + [("stop", "stop_reason", "{}")]
     table = Table(title=title)
-    for col in ("#", "prompt tok", "new tok", "prefill s", "decode s", "decode tok/s", "ms/tok",
-                "stage compute s", "comm wait s", "stop"):
-        table.add_column(col, justify="right")
+    table.add_column("#", justify="right")
+    for header, _, _ in columns:
+        table.add_column(header, justify="right")
     for i, r in enumerate(results):
-        s = r["stats"]
-        table.add_row(str(i), str(s["prompt_tokens"]), str(s["new_tokens"]), f"{s['prefill_seconds']:.2f}",
-                      f"{s['decode_seconds']:.2f}", f"{s['decode_tokens_per_s']:.1f}",
-                      f"{s['ms_per_token']:.1f}", f"{s['stage_compute_seconds']:.2f}",
-                      f"{s['comm_wait_seconds']:.2f}", s["stop_reason"])
-    Console(stderr=True, width=150).print(table)
+        table.add_row(str(i), *(fmt.format(r["stats"][key]) for _, key, fmt in columns))
+    Console(stderr=True, width=170).print(table)

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -72,7 +73,8 @@ def summarize_config(samples: list[dict]) -> dict:
     """Medians over repeats of every stat, plus the min/max decode tok/s."""
     out = {k: median([s[k] for s in samples]) for k in STAT_KEYS + ("decode_tokens",)}
     rates = [s["decode_tokens_per_s"] for s in samples]
-    out.update(repeats=len(samples), tok_s_min=min(rates), tok_s_max=max(rates))
+    out.update(repeats=len(samples), tok_s_min=min(rates), tok_s_max=max(rates),
+               other_cpu_cores_max=max(s.get("other_cpu_cores", 0.0) for s in samples))
     return out
 
 
@@ -287,6 +289,15 @@ def machine_info() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its finished children)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:3]) + sum(fields[5:7])  # user nice system + irq softirq (not idle/iowait/steal)
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return busy / os.sysconf("SC_CLK_TCK"), own
+
+
 def token_agreement(samples: dict) -> dict:
     """Do HF (1 thread) and ours (PP=1, PP=2) produce the same greedy tokens? (first repeat)"""
     if not samples.get("hf_t1"):
@@ -301,13 +312,14 @@ def print_tables(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title="Decode speed (medians over repeats)")
-    for col in ("config", "decode tok/s", "min..max", "ms/tok", "new tok", "prefill s", "rank-0 comm wait ms/tok"):
+    for col in ("config", "decode tok/s", "min..max", "ms/tok", "new tok", "prefill s", "rank-0 comm wait ms/tok",
+                "other procs' CPU (cores, max)"):
         table.add_column(col, justify="right")
     for name, s in summary["configs"].items():
         wait = 1000 * s["comm_wait_seconds"] / max(s["decode_tokens"], 1)
         table.add_row(LABELS[name], f"{s['decode_tokens_per_s']:.2f}", f"{s['tok_s_min']:.2f}..{s['tok_s_max']:.2f}",
                       f"{s['ms_per_token']:.1f}", f"{s['new_tokens']:.0f}", f"{s['prefill_seconds']:.2f}",
-                      f"{wait:.1f}" if name.startswith("ours") else "-")
+                      f"{wait:.1f}" if name.startswith("ours") else "-", f"{s['other_cpu_cores_max']:.2f}")
     p2p = Table(title="p2p latency, 2 gloo ranks, [1,1,576] fp32 + 4-int64 header")
     for col in ("mode", "one-way median µs", "p90 µs", "p99 µs", "n"):
         p2p.add_column(col, justify="right")
@@ -376,8 +388,11 @@ def run_benchmark(args) -> dict:
         run_hf(model, prompt_ids[:1], 2, 1)  # warm-up: first-call allocations
     samples = {c: [] for c in args.configs}
     for name, rep in tqdm(interleaved_order(args.configs, args.repeats), desc="runs", unit="run"):
+        (busy0, own0), t0 = cpu_seconds(), time.perf_counter()
         per_prompt = run_one(name, rep, args, out_dir, model, prompt_ids)
-        samples[name].append(dict(aggregate_prompts(per_prompt), repeat=rep, per_prompt=per_prompt))
+        (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t0
+        samples[name].append(dict(aggregate_prompts(per_prompt), repeat=rep, per_prompt=per_prompt, wall_seconds=wall,
+                                  other_cpu_cores=max(busy1 - busy0 - (own1 - own0), 0.0) / wall))
     pingpong = run_pingpong(args, out_dir) if args.pingpong_iters > 0 else {}
     meta["loadavg_1min_end"] = os.getloadavg()[0]
     summary = build_summary(samples, pingpong)

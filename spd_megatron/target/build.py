@@ -50,7 +50,8 @@ def pipeline_layout(layers_per_stage: tuple[int, ...]) -> list[list[str]] | None
     return layout
 
 
-def to_transformer_config(arch: ArchSpec, placement: StagePlacement, dtype: str, fp8: bool = False):
+def to_transformer_config(arch: ArchSpec, placement: StagePlacement, dtype: str, fp8: bool = False,
+                          initialize: bool = False):
     """The one place where our names become Megatron's TransformerConfig."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -75,7 +76,7 @@ def to_transformer_config(arch: ArchSpec, placement: StagePlacement, dtype: str,
         pipeline_model_parallel_size=placement.pp_size,
         pipeline_model_parallel_layout=pipeline_layout(placement.layers_per_stage),
         use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=False,  # weights come from the checkpoint
+        perform_initialization=initialize,  # False: weights come from a checkpoint
         params_dtype=torch_dtype,
         pipeline_dtype=torch_dtype,
         bf16=torch_dtype == torch.bfloat16,
@@ -84,7 +85,8 @@ def to_transformer_config(arch: ArchSpec, placement: StagePlacement, dtype: str,
 
 
 def build_stage_model(arch: ArchSpec, placement: StagePlacement, dtype: str, spec_name: str,
-                      max_seq_len: int, fp8: bool = False):
+                      max_seq_len: int, fp8: bool = False, pre_process: bool | None = None,
+                      post_process: bool | None = None, initialize: bool = False):
     """Build this rank's GPTModel stage (embedding on the first, norm + output layer on the last).
 
     Embeddings are never shared with the output layer: the checkpoint always holds
@@ -93,14 +95,14 @@ def build_stage_model(arch: ArchSpec, placement: StagePlacement, dtype: str, spe
     """
     from megatron.core.models.gpt import GPTModel
 
-    config = to_transformer_config(arch, placement, dtype, fp8)
+    config = to_transformer_config(arch, placement, dtype, fp8, initialize)
     model = GPTModel(
         config,
         build_layer_spec(spec_name, arch.qk_layernorm),
         vocab_size=arch.vocab_size,
         max_sequence_length=max(max_seq_len, arch.max_position_embeddings),
-        pre_process=placement.is_first,
-        post_process=placement.is_last,
+        pre_process=placement.is_first if pre_process is None else pre_process,
+        post_process=placement.is_last if post_process is None else post_process,
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,

@@ -12,7 +12,7 @@ from helpers import tiny_config
 from multiproc import run_distributed
 
 from spd_megatron.draft import AdversarialDraft, OracleDraft, RandomDraft
-from spd_megatron.engine import build_engine
+from spd_megatron.engine import build_engine, build_schedule
 from spd_megatron.parallel.init import init_parallel
 from spd_megatron.schedule.spd import SPDSchedule
 
@@ -32,9 +32,13 @@ def _worker(rank, world_size, ckpt, tp, split, kinds):
     ref = engine.schedule.generate(prompt, NEW)
     n = engine.ctx.pp_size
     for kind in kinds:
-        draft = make_draft(kind, prompt + ref.output_ids, engine.arch.vocab_size) \
-            if engine.stage.placement.is_first else None
-        spd = SPDSchedule(engine.stage, engine.schedule.link, engine.schedule.sampling, draft=draft)
+        if kind == "pdm":  # a randomly initialised PDM with anchors from every stage
+            cfg.schedule.name, cfg.draft.num_layers = "spd", 2
+            spd = build_schedule(cfg, engine.stage, engine.schedule.link, engine.checkpoint, engine.ctx)
+        else:
+            draft = make_draft(kind, prompt + ref.output_ids, engine.arch.vocab_size) \
+                if engine.stage.placement.is_first else None
+            spd = SPDSchedule(engine.stage, engine.schedule.link, engine.schedule.sampling, draft=draft)
         spd.prefill_chunk_size = 4
         got = spd.generate(prompt, NEW)
         if not engine.stage.placement.is_first:
@@ -63,4 +67,4 @@ CASES = [  # world, tp, explicit split
 @pytest.mark.parametrize("world,tp,split", CASES)
 def test_spd_greedy_equals_autoregressive(tiny_models, world, tp, split):
     run_distributed(_worker, world, tiny_models["llama"][1], tp, split,
-                    ("oracle", "adversarial", "random"), timeout_s=240)
+                    ("oracle", "adversarial", "random", "pdm"), timeout_s=240)
