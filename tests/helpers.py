@@ -31,9 +31,11 @@ def pipeline_forward(engine, ids: torch.Tensor, start: int = 0) -> torch.Tensor 
             out = stage.forward(start, token_ids=ids)
         else:
             header = link.recv_prev()
-            out = stage.forward(header.position, hidden=link.recv_hidden(header.count))
+            start = header.position
+            out = stage.forward(start, hidden=link.recv_hidden(header.count))
         if not stage.placement.is_last:
-            link.send_next(Header(Op.PREFILL, start, ids.shape[1], start + ids.shape[1]), out)
+            count = out.shape[0]  # [count, 1, h]
+            link.send_next(Header(Op.PREFILL, start, count, start + count), out)
             link.flush()
             return None
     return out

@@ -33,6 +33,7 @@ from spd_megatron.parallel.link import Header, Op
 from spd_megatron.sampling.logits import sample_token
 from spd_megatron.sampling.verify import verify
 from spd_megatron.schedule.base import SpeculativeSchedule, register_schedule
+from spd_megatron.schedule.plan import build_plan
 from spd_megatron.schedule.state import DecodeState, Verdict
 
 
@@ -59,6 +60,7 @@ class SPDSchedule(SpeculativeSchedule):
 
     has_draft = True
     prefill_chunk_size = 256
+    plan = staticmethod(build_plan)  # the cycle table this schedule follows (offline)
 
     def __init__(self, stage, link, sampling, seed: int = 0, draft: Optional[Draft] = None,
                  anchors: Sequence[int] = ()) -> None:
