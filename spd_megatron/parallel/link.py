@@ -184,3 +184,12 @@ def raise_peer_failure() -> None:
         raise
     except Exception:  # noqa: BLE001 - store gone with the failed rank
         return
+
+
+def gather_to_rank0(obj):
+    """Every rank's ``obj`` as a list on rank 0 (None elsewhere). One-off, never per cycle."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -108,6 +108,7 @@ class SpeculativeSchedule(ABC):
         state = DecodeState(list(prompt_ids), len(prompt_ids), max_new_tokens, frozenset(eos_token_ids))
         self.prefill(state)
         self.stats.mark_first_token()
+        self.stats.stage_compute_seconds = 0.0  # decode only, like every other timer
         wait_start = self.link.wait_seconds if self.link is not None else 0.0
         while not state.finished:
             proposal = self.propose(state)

@@ -74,7 +74,6 @@ class SPDSchedule(SpeculativeSchedule):
         self.draft = draft
         self.vocab_size = stage.arch.vocab_size
         self.report_anchors = [stage_anchors(s, self.anchors, self.split) for s in range(self.n)]
-        stage.set_taps(self.report_anchors[self.placement.pp_rank])
         self.epoch = 0
 
     # ================================ hooks ====================================================
@@ -82,6 +81,7 @@ class SPDSchedule(SpeculativeSchedule):
         """Chunked prompt prefill; every stage reports its anchors; stage 0 picks the first token."""
         self.stats.pipeline_depth = self.n
         self.epoch = 0
+        self.stage.set_taps(self.report_anchors[self.placement.pp_rank])  # the stage may be shared
         if not self.is_first:
             return self._prefill_and_report()
         ids = torch.tensor([state.tokens], dtype=torch.long)  # [1, prompt_len]
@@ -221,7 +221,8 @@ class SPDSchedule(SpeculativeSchedule):
         return {0: emb[0, 0]}
 
     def _keep_local_taps(self, features, position: int, count: int) -> None:
-        for k, hidden in self.stage.taps.items():  # hidden: [count, 1, h]
+        for k in self.report_anchors[0]:
+            hidden = self.stage.taps[k]  # [count, 1, h]
             for i in range(count):
                 features.setdefault(position + i, {})[k] = hidden[i, 0].clone()
 

@@ -44,7 +44,7 @@ class TargetStage:
         """Record h^k for every k in ``indices`` that this stage produces."""
         for hook in self._hooks:
             hook.remove()
-        self._hooks = []
+        self._hooks, self.taps = [], {}
         for k in sorted(set(indices) & set(self.produced_indices)):
             module = self._module_producing(k)
             self._hooks.append(module.register_forward_hook(self._recorder(k)))
