@@ -298,6 +298,18 @@ def cpu_seconds() -> tuple[float, float]:
     return busy / os.sysconf("SC_CLK_TCK"), own
 
 
+def wait_for_idle(max_wait_s: float, max_other_cores: float = 0.15, window_s: float = 2.0) -> float:
+    """Wait (up to ``max_wait_s``) until other processes use < ``max_other_cores``; returns seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        (busy0, own0) = cpu_seconds()
+        time.sleep(window_s)
+        (busy1, own1) = cpu_seconds()
+        if (busy1 - busy0 - (own1 - own0)) / window_s < max_other_cores:
+            break
+    return time.perf_counter() - start
+
+
 def token_agreement(samples: dict) -> dict:
     """Do HF (1 thread) and ours (PP=1, PP=2) produce the same greedy tokens? (first repeat)"""
     if not samples.get("hf_t1"):
@@ -312,7 +324,8 @@ def print_tables(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title="Decode speed (medians over repeats)")
-    for col in ("config", "decode tok/s", "min..max", "ms/tok", "new tok", "prefill s", "rank-0 comm wait ms/tok",
+    table.add_column("config", no_wrap=True)
+    for col in ("decode tok/s", "min..max", "ms/tok", "new tok", "prefill s", "rank-0 comm wait ms/tok",
                 "other procs' CPU (cores, max)"):
         table.add_column(col, justify="right")
     for name, s in summary["configs"].items():
@@ -373,6 +386,17 @@ def run_one(name: str, rep: int, args, out_dir: Path, model, prompt_ids) -> list
     return per_prompt
 
 
+def measured_run(name: str, rep: int, args, out_dir: Path, model, prompt_ids) -> dict:
+    """One sample: wait for an idle machine, run, and note other processes' CPU during the run."""
+    waited = wait_for_idle(args.idle_wait) if args.idle_wait > 0 else 0.0
+    (busy0, own0), t0 = cpu_seconds(), time.perf_counter()
+    per_prompt = run_one(name, rep, args, out_dir, model, prompt_ids)
+    (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t0
+    other = max(busy1 - busy0 - (own1 - own0), 0.0) / wall
+    return dict(aggregate_prompts(per_prompt), repeat=rep, wall_seconds=wall, idle_wait_seconds=waited,
+                other_cpu_cores=other, per_prompt=per_prompt)
+
+
 def run_benchmark(args) -> dict:
     """Every config R times, interleaved; then the ping-pong; returns the JSON document."""
     from tqdm import tqdm
@@ -388,11 +412,9 @@ def run_benchmark(args) -> dict:
         run_hf(model, prompt_ids[:1], 2, 1)  # warm-up: first-call allocations
     samples = {c: [] for c in args.configs}
     for name, rep in tqdm(interleaved_order(args.configs, args.repeats), desc="runs", unit="run"):
-        (busy0, own0), t0 = cpu_seconds(), time.perf_counter()
-        per_prompt = run_one(name, rep, args, out_dir, model, prompt_ids)
-        (busy1, own1), wall = cpu_seconds(), time.perf_counter() - t0
-        samples[name].append(dict(aggregate_prompts(per_prompt), repeat=rep, per_prompt=per_prompt, wall_seconds=wall,
-                                  other_cpu_cores=max(busy1 - busy0 - (own1 - own0), 0.0) / wall))
+        samples[name].append(measured_run(name, rep, args, out_dir, model, prompt_ids))
+    if args.pingpong_iters > 0 and args.idle_wait > 0:
+        wait_for_idle(args.idle_wait)
     pingpong = run_pingpong(args, out_dir) if args.pingpong_iters > 0 else {}
     meta["loadavg_1min_end"] = os.getloadavg()[0]
     summary = build_summary(samples, pingpong)
@@ -412,6 +434,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", dest="pingpong_iters", type=int, default=2000, help="ping-pong round trips (0: skip)")
     p.add_argument("--hf", default=str(CACHE / "hf" / "smollm2-135m-instruct"), help="HF model folder")
     p.add_argument("--checkpoint", default=str(CACHE / "checkpoints" / "smollm2-135m-instruct-float32"))
+    p.add_argument("--idle-wait", type=float, default=120.0,
+                   help="before each run, wait up to this many seconds for other processes to go idle (0: off)")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_baseline"), help="output folder")
     p.add_argument("--pingpong", action="store_true", help=argparse.SUPPRESS)  # the torchrun worker
     p.add_argument("--pingpong-out", default="", help=argparse.SUPPRESS)

@@ -89,3 +89,8 @@ def test_parse_args_quick_and_configs():
     assert args.configs == ["hf_t1", "ours_pp2"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--configs", "nope"])
+
+
+def test_cpu_seconds_reads_machine_and_own_cpu():
+    busy, own = bench.cpu_seconds()
+    assert busy > 0 and own > 0
