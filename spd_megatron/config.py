@@ -67,7 +67,8 @@ class DraftConfig:
     path: str = ""
     """PDM checkpoint folder (tools/train_draft.py). Empty: a randomly initialised PDM."""
     placement: str = "colocated"
-    """colocated: the PDM runs on pipeline stage 0 (give it fewer layers via layers_per_stage)."""
+    """colocated: the PDM runs on pipeline stage 0 (give it fewer layers via layers_per_stage);
+    dedicated: on one extra rank after the TP x PP model ranks (world = TP x PP + 1)."""
     num_layers: int = 1
     """Transformer layers of a randomly initialised PDM (a trained one brings its own)."""
     anchors: list[int] = field(default_factory=list)
@@ -176,8 +177,8 @@ def validate_config(cfg: SPDConfig) -> None:
         (cfg.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
         (cfg.prompts_limit >= 0, "prompts_limit must be >= 0"),
         (not (cfg.prompt and cfg.prompts_file), "give prompt= or prompts_file=, not both"),
-        (cfg.draft.placement == "colocated",
-         f"draft.placement={cfg.draft.placement}: only 'colocated' is implemented so far"),
+        (cfg.draft.placement in ("colocated", "dedicated"),
+         f"draft.placement={cfg.draft.placement} must be colocated or dedicated"),
         (cfg.draft.num_layers >= 1, "draft.num_layers must be >= 1"),
     ]
     for ok, message in checks:

@@ -35,7 +35,7 @@ class Engine:
     checkpoint: Path
     arch: ArchSpec
     tokenizer: Any
-    stage: TargetStage
+    stage: TargetStage | None  # None on a dedicated draft rank
     schedule: SpeculativeSchedule
     eos_token_ids: tuple[int, ...]
 
@@ -78,30 +78,38 @@ def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLin
                      arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks)
 
 
-def build_draft(cfg: SPDConfig, ckpt: Path, stage: TargetStage, ctx: ParallelContext):
-    """The PDM config on every rank (for the anchor taps), its module on stage 0 only."""
+def pdm_config(cfg: SPDConfig, arch: ArchSpec, split: list[int]):
+    """The PDM's config: from draft.path, or a random PDM's from the draft section."""
     from spd_megatron.draft.features import check_anchors, default_anchors
-    from spd_megatron.draft.pdm import PDMConfig, PDMDraft, check_pdm_matches, read_pdm_config
+    from spd_megatron.draft.pdm import PDMConfig, check_pdm_matches, read_pdm_config
 
-    split = list(stage.placement.layers_per_stage)
     if cfg.draft.path:
         pdm_cfg = read_pdm_config(cfg.draft.path)
-        check_pdm_matches(pdm_cfg, stage.arch, split)
-    else:
-        anchors = check_anchors(cfg.draft.anchors or default_anchors(split), stage.arch.num_layers)
-        pdm_cfg = PDMConfig(split, anchors, cfg.draft.num_layers, target=stage.arch.to_dict())
-    if not stage.placement.is_first:
+        check_pdm_matches(pdm_cfg, arch, split)
+        return pdm_cfg
+    anchors = check_anchors(cfg.draft.anchors or default_anchors(split), arch.num_layers)
+    return PDMConfig(split, anchors, cfg.draft.num_layers, target=arch.to_dict())
+
+
+def build_draft(cfg: SPDConfig, ckpt: Path, stage: TargetStage, ctx: ParallelContext):
+    """The anchors on every rank (for the taps); the PDM itself on stage 0 when co-located."""
+    from spd_megatron.draft.pdm import PDMDraft
+
+    pdm_cfg = pdm_config(cfg, stage.arch, list(stage.placement.layers_per_stage))
+    if not stage.placement.is_first or ctx.draft_rank is not None:
         return None, pdm_cfg.anchors
-    return PDMDraft(load_pdm(cfg, ckpt, pdm_cfg, stage, ctx)), pdm_cfg.anchors
+    return PDMDraft(load_pdm(cfg, ckpt, pdm_cfg, stage.arch, ctx)), pdm_cfg.anchors
 
 
-def load_pdm(cfg: SPDConfig, ckpt: Path, pdm_cfg, stage: TargetStage, ctx: ParallelContext):
+def load_pdm(cfg: SPDConfig, ckpt: Path, pdm_cfg, arch: ArchSpec, ctx: ParallelContext):
     """Build the PDM; trained weights from draft.path, else random with the target's norm and head."""
     from spd_megatron.draft.pdm import PipelineDraftModule, init_from_target, load_pdm_weights
 
     torch.manual_seed(cfg.draft.seed)
-    module = PipelineDraftModule(pdm_cfg, stage.arch, ctx.tp_rank, ctx.tp_size, cfg.model.dtype,
-                                 cfg.model.max_seq_len).eval()
+    solo = ctx.is_draft_rank  # a dedicated draft rank runs the PDM alone (TP=1)
+    module = PipelineDraftModule(pdm_cfg, arch, 0 if solo else ctx.tp_rank, 1 if solo else ctx.tp_size,
+                                 cfg.model.dtype, cfg.model.max_seq_len,
+                                 pg_collection=ctx.draft_groups if solo else None).eval()
     with torch.no_grad():
         if cfg.draft.path:
             load_pdm_weights(module, cfg.draft.path)
@@ -112,12 +120,13 @@ def load_pdm(cfg: SPDConfig, ckpt: Path, pdm_cfg, stage: TargetStage, ctx: Paral
 
 def build_schedule(cfg: SPDConfig, stage: TargetStage, link: StageLink | None,
                    ckpt: Path | None = None, ctx: ParallelContext | None = None) -> SpeculativeSchedule:
+    """The configured schedule for a model rank (a draft schedule brings its draft and anchors)."""
     sampling = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p)
     cls = get_schedule_class(cfg.schedule.name)
     kwargs = {}
     if cls.has_draft:
         draft, anchors = build_draft(cfg, ckpt, stage, ctx)
-        kwargs = dict(draft=draft, anchors=anchors)
+        kwargs = dict(draft=draft, anchors=anchors, draft_rank=ctx.draft_rank)
     schedule = cls(stage, link, sampling, seed=cfg.sampling.seed, **kwargs)
     schedule.prefill_chunk_size = cfg.schedule.prefill_chunk_size
     return schedule
@@ -129,13 +138,43 @@ def load_tokenizer(ckpt: Path):
     return AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
 
 
+def uses_draft_rank(cfg: SPDConfig) -> bool:
+    return get_schedule_class(cfg.schedule.name).has_draft and cfg.draft.placement == "dedicated"
+
+
+def build_draft_server(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: ArchSpec):
+    """The dedicated draft rank's 'schedule': a DraftServer around the PDM (TP=1)."""
+    from spd_megatron.draft.features import stage_anchors
+    from spd_megatron.draft.pdm import PDMDraft
+    from spd_megatron.schedule.draft_host import DraftHost
+    from spd_megatron.schedule.spd import DraftServer
+
+    split = split_layers(arch.num_layers, ctx.pp_size, cfg.parallel.layers_per_stage)
+    pdm_cfg = pdm_config(cfg, arch, split)
+    seed_megatron_rng(cfg.sampling.seed, outside_model_groups=True)
+    draft = PDMDraft(load_pdm(cfg, ckpt, pdm_cfg, arch, ctx))
+    stage_ranks = [ctx.layout.rank_of(s, 0) for s in range(ctx.pp_size)]
+    link = StageLink(ctx.rank, None, None, stage_ranks[0], stage_ranks[-1], arch.hidden_size,
+                     TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks)
+    report = [stage_anchors(s, pdm_cfg.anchors, split) for s in range(ctx.pp_size)]
+    remote = {s: stage_ranks[s] for s in range(ctx.pp_size) if report[s]}
+    host = DraftHost(draft, link, report, remote, ctx.pp_size, arch.hidden_size, link.dtype)
+    sampling = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_k, cfg.sampling.top_p)
+    stage0 = [ctx.layout.rank_of(0, t) for t in range(ctx.tp_size)]
+    return DraftServer(host, link, stage0, sampling, seed=cfg.sampling.seed + 1,
+                       vocab_size=arch.vocab_size, use_h0=0 in pdm_cfg.anchors)
+
+
 def build_engine(cfg: SPDConfig, ctx: ParallelContext | None = None) -> Engine:
     """Start (or reuse) the process groups and build this rank's part of the decoder."""
     get_schedule_class(cfg.schedule.name)  # fail fast on a typo, before any heavy work
-    ctx = ctx or init_parallel(cfg.parallel)
+    ctx = ctx or init_parallel(cfg.parallel, extra_ranks=int(uses_draft_rank(cfg)))
     ckpt = resolve_checkpoint(cfg)
     arch = read_arch(ckpt)
+    eos = tuple(read_record(ckpt).get("eos_token_ids", ()))
+    if ctx.is_draft_rank:
+        server = build_draft_server(cfg, ctx, ckpt, arch)
+        return Engine(cfg, ctx, ckpt, arch, load_tokenizer(ckpt), None, server, eos)
     stage = build_stage(cfg, ctx, ckpt, arch)
     schedule = build_schedule(cfg, stage, build_link(cfg, ctx, arch), ckpt, ctx)
-    eos = tuple(read_record(ckpt).get("eos_token_ids", ()))
     return Engine(cfg, ctx, ckpt, arch, load_tokenizer(ckpt), stage, schedule, eos)

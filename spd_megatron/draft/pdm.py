@@ -55,7 +55,7 @@ class PipelineDraftModule(nn.Module):
     """The PDM network. ``forward`` runs rows over the cache; ``logits`` gives draft-vocab logits."""
 
     def __init__(self, cfg: PDMConfig, arch: ArchSpec, tp_rank: int = 0, tp_size: int = 1,
-                 dtype: str = "float32", max_seq_len: int = 2048) -> None:
+                 dtype: str = "float32", max_seq_len: int = 2048, pg_collection=None) -> None:
         super().__init__()
         self.cfg, self.arch = cfg, arch
         self.tp_rank, self.tp_size = tp_rank, tp_size
@@ -65,7 +65,8 @@ class PipelineDraftModule(nn.Module):
         layer_arch = dataclasses.replace(arch, num_layers=cfg.num_layers, sliding_window=None)
         placement = StagePlacement(0, 1, tp_rank, tp_size, (cfg.num_layers,))
         self.layers = build_stage_model(layer_arch, placement, dtype, "local", max_seq_len,
-                                        pre_process=False, post_process=False, initialize=True)
+                                        pre_process=False, post_process=False, initialize=True,
+                                        pg_collection=pg_collection)
         self.final_norm = nn.RMSNorm(hidden, eps=arch.rms_norm_eps)
         vocab = cfg.draft_vocab or list(range(arch.vocab_size))
         self.register_buffer("vocab_ids", torch.tensor(vocab, dtype=torch.long), persistent=False)

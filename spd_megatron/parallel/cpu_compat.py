@@ -49,15 +49,17 @@ def apply_cpu_patches() -> bool:
     return True
 
 
-def seed_megatron_rng(seed: int) -> None:
+def seed_megatron_rng(seed: int, outside_model_groups: bool = False) -> None:
     """E/F: megatron's CUDA RNG tracker, made to work without CUDA.
 
     ``inference_rng_tracker=True`` turns the tracker's add/fork into no-ops, which is all that the
     (dropout-free) decode path needs. ``force_reset_rng`` lets this run twice in one process.
+    ``outside_model_groups``: a rank in no Megatron group (a dedicated draft rank) names its ranks.
     """
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     torch.manual_seed(seed)
+    ranks = dict(tp_rank=0, ep_rank=0, etp_rank=0) if outside_model_groups else {}
     model_parallel_cuda_manual_seed(
-        seed, inference_rng_tracker=not torch.cuda.is_available(), force_reset_rng=True
+        seed, inference_rng_tracker=not torch.cuda.is_available(), force_reset_rng=True, **ranks
     )

@@ -61,6 +61,12 @@ class ParallelContext:
     pp_group: object
     tp_group: object
     timeout_s: float
+    draft_rank: Optional[int] = None  # a dedicated draft rank after the TP x PP model ranks
+    draft_groups: Optional[object] = None  # megatron ProcessGroupCollection of the draft rank alone
+
+    @property
+    def is_draft_rank(self) -> bool:
+        return self.draft_rank is not None and self.rank == self.draft_rank
 
     @property
     def pp_rank(self) -> int:
@@ -125,31 +131,74 @@ def start_process_group(cfg: ParallelConfig) -> LaunchEnv:
     return env
 
 
-def init_parallel(cfg: ParallelConfig) -> ParallelContext:
+def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
     """Start the process group and Megatron's TP x PP groups for this run.
 
+    Args:
+        extra_ranks: processes after the TP x PP model ranks (1 for a dedicated draft rank);
+            they join the default group but none of Megatron's model-parallel groups.
+
     Raises:
-        SPDError: the launched world size does not match TP x PP.
+        SPDError: the launched world size does not match TP x PP (+ extra ranks).
     """
     apply_cpu_patches()
     env = start_process_group(cfg)
-    layout = resolve_layout(env.world_size, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    try:
+        layout = resolve_layout(env.world_size - extra_ranks, cfg.tensor_parallel_size,
+                                cfg.pipeline_parallel_size)
+    except SPDError as err:
+        if not extra_ranks:
+            raise
+        raise SPDError(f"{err} (plus {extra_ranks} dedicated draft rank: launch one more process)") from None
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor_parallel_size,
-        pipeline_model_parallel_size=layout.pipeline_parallel_size,
-        create_gloo_process_groups=False,
-    )
+    _initialize_megatron_groups(layout)
+    draft_groups = _draft_rank_groups(layout.world_size) if extra_ranks else None
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
+    is_model_rank = env.rank < layout.world_size
     return ParallelContext(
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, layout=layout,
-        device=device, pp_group=parallel_state.get_pipeline_model_parallel_group(),
-        tp_group=parallel_state.get_tensor_model_parallel_group(), timeout_s=cfg.timeout_s,
+        device=device,
+        pp_group=parallel_state.get_pipeline_model_parallel_group() if is_model_rank else None,
+        tp_group=parallel_state.get_tensor_model_parallel_group() if is_model_rank else None,
+        timeout_s=cfg.timeout_s, draft_rank=layout.world_size if extra_ranks else None,
+        draft_groups=draft_groups if env.rank == layout.world_size else None,
     )
+
+
+def _draft_rank_groups(draft_rank: int):
+    """Single-rank groups for the dedicated draft rank's TP=1 megatron layers (made on every rank)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    solo = dist.new_group([draft_rank])
+    groups = ProcessGroupCollection()
+    for name in ("tp", "pp", "mp", "embd", "pos_embd", "cp", "tp_cp", "dp", "dp_cp"):
+        setattr(groups, name, solo)
+    return groups
+
+
+def _initialize_megatron_groups(layout: RankLayout) -> None:
+    """Megatron's TP x PP groups over the first TP x PP ranks, on every rank.
+
+    Megatron sizes its grid by the default group's world size; with a dedicated draft rank the
+    world is one larger, so it is told the model size while every rank (the draft rank too) makes
+    the same new_group calls, as torch requires. The draft rank ends up in none of the groups.
+    """
+    from megatron.core import parallel_state
+
+    real_world_size = dist.get_world_size
+    dist.get_world_size = lambda group=None: layout.world_size if group is None else real_world_size(group)
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tensor_parallel_size,
+            pipeline_model_parallel_size=layout.pipeline_parallel_size,
+            create_gloo_process_groups=False,
+        )
+    finally:
+        dist.get_world_size = real_world_size
 
 
 def shutdown_parallel() -> None:

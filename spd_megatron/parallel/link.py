@@ -29,7 +29,11 @@ class Op(IntEnum):
     STEP = 2  # process `count` decode tokens starting at `position`
     TOKEN = 3  # last stage -> first stage: the next token is `token`
     STOP = 4  # finish the sequence
-    REPORT = 5  # stage -> draft rank: anchors (and, from the last stage, logits) of `count` tokens
+    REPORT = 5  # stage -> draft host: anchor states of `count` tokens
+    VERDICT = 6  # last stage -> stage 0: argmax in `token` (+ logits when sampling)
+    SEQUENCE = 7  # stage 0 -> dedicated draft rank: a new prompt of `count` tokens follows
+    ROWS = 8  # stage 0 -> dedicated draft rank: this cycle's rows (`token` = rollback position)
+    PROPOSAL = 9  # dedicated draft rank -> stage 0: the draft token in `token`
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,22 @@
 """SPDSchedule: Speculative Pipeline Decoding with n tokens of one sequence in flight.
 
 Every cycle each stage advances its own in-flight token by one stage; the oldest token leaves the
-last stage and its logits verify the next in-flight token (docs/SPD.md section 1). The draft is
-co-located with stage 0, which is also the controller: it injects one token per cycle, runs the
-draft, verifies, and owns every decision. Nothing is broadcast:
+last stage and its logits verify the next in-flight token (docs/SPD.md section 1). Stage 0 is the
+controller: it injects one token per cycle, verifies, and owns every decision. The draft runs on
+stage 0 (``colocated``) or on a dedicated rank after the model ranks (``dedicated``). Nothing is
+broadcast; every message is point-to-point with a fixed shape:
 
 - ring, stage s -> s+1: [header(STEP, position, 1, token, epoch), hidden [1, 1, h]];
-- report, stage s>0 -> stage 0, one per processed token: [header(REPORT, position, count,
-  argmax, epoch), anchors [count, A_s, h] if the draft uses anchors, logits [V] from the last
-  stage when sampling].
+- verdict material, last stage -> stage 0, per processed token: [header(VERDICT, ..., argmax),
+  logits [V] when sampling];
+- anchors, stage s -> draft host, per processed token: [header(REPORT), anchors [count, A_s, h]];
+- dedicated only: stage 0 -> draft rank [header(ROWS), rows [n+1, 3], h^0 [h]] and back
+  [header(PROPOSAL, ..., token), q [V] when sampling].
 
 A reject bumps the epoch. The corrected token's ring message carries the new epoch, and a stage
-that sees a newer epoch truncates its KV cache to that message's position before processing it:
-the rollback rides on the refill. Stale tokens still in the pipeline are processed and their
-reports discarded by stage 0, so the refill costs exactly the spec's n-1 cycles, and every stage
-keeps a fixed message pattern (no pairing by luck, no per-cycle collective, no barrier).
+that sees it truncates its KV cache to that position before processing it: the rollback rides
+on the refill. Flushed tokens still in the pipeline are processed and their messages discarded,
+so a refill costs the spec's n-1 cycles and the message pattern never changes.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from spd_megatron.draft.base import Draft, DraftContext, DraftProposal, DraftRow
+from spd_megatron.draft.base import Draft, DraftProposal
 from spd_megatron.draft.features import stage_anchors
 from spd_megatron.errors import SPDError
 from spd_megatron.parallel.link import Header, Op
 from spd_megatron.sampling.logits import sample_token
 from spd_megatron.sampling.verify import verify
-from spd_megatron.schedule.base import SpeculativeSchedule, register_schedule
+from spd_megatron.schedule.base import GenerationResult, SpeculativeSchedule, register_schedule
+from spd_megatron.schedule.draft_host import DraftHost
 from spd_megatron.schedule.plan import build_plan
 from spd_megatron.schedule.state import DecodeState, Verdict
 
@@ -54,8 +57,9 @@ class SPDSchedule(SpeculativeSchedule):
     """Speculative Pipeline Decoding (needs pipeline_parallel_size >= 2).
 
     Args:
-        draft: the Draft on stage 0 (None on the other stages).
+        draft: the Draft, on the rank that hosts it (stage 0 when co-located), else None.
         anchors: hidden-state indices the draft aggregates (the same list on every rank).
+        draft_rank: global rank of a dedicated draft rank, or None for a co-located draft.
     """
 
     has_draft = True
@@ -63,63 +67,87 @@ class SPDSchedule(SpeculativeSchedule):
     plan = staticmethod(build_plan)  # the cycle table this schedule follows (offline)
 
     def __init__(self, stage, link, sampling, seed: int = 0, draft: Optional[Draft] = None,
-                 anchors: Sequence[int] = ()) -> None:
+                 anchors: Sequence[int] = (), draft_rank: Optional[int] = None) -> None:
         super().__init__(stage, link, sampling, seed)
         if link is None or self.placement.pp_size < 2:
             raise SPDError("schedule.name=spd needs at least 2 pipeline stages; launch more "
                            "processes or use schedule.name=autoregressive")
         self.n = self.placement.pp_size
-        self.split = self.placement.layers_per_stage
         self.anchors = list(anchors)
-        self.draft = draft
+        self.draft_rank = draft_rank
         self.vocab_size = stage.arch.vocab_size
-        self.report_anchors = [stage_anchors(s, self.anchors, self.split) for s in range(self.n)]
-        self.epoch = 0
+        self.report_anchors = [stage_anchors(s, self.anchors, self.placement.layers_per_stage)
+                               for s in range(self.n)]
+        self.host = None
+        if draft is not None:  # co-located on stage 0: anchors of stages 1.. arrive by message
+            remote = {s: link.stage_ranks[s] for s in range(1, self.n) if self.report_anchors[s]}
+            self.host = DraftHost(draft, link, self.report_anchors, remote, self.n,
+                                  stage.arch.hidden_size, link.dtype)
+
+    @property
+    def draft(self) -> Optional[Draft]:
+        return self.host.draft if self.host else None
+
+    @property
+    def anchor_dest(self) -> Optional[int]:
+        """Where this rank's anchor reports go (None: nowhere, or kept locally on stage 0)."""
+        if not self.report_anchors[self.placement.pp_rank]:
+            return None
+        if self.draft_rank is not None:
+            return self.draft_rank if self.placement.tp_rank == 0 else None
+        return None if self.is_first else self.link.first_rank
 
     # ================================ hooks ====================================================
     def prefill(self, state: DecodeState) -> None:
-        """Chunked prompt prefill; every stage reports its anchors; stage 0 picks the first token."""
+        """Chunked prompt prefill; stages report anchors; stage 0 picks the first token."""
         self.stats.pipeline_depth = self.n
         self.epoch = 0
         self.stage.set_taps(self.report_anchors[self.placement.pp_rank])  # the stage may be shared
         if not self.is_first:
             return self._prefill_and_report()
-        ids = torch.tensor([state.tokens], dtype=torch.long)  # [1, prompt_len]
+        if self.host is not None:
+            self.host.begin(state.tokens)
+        self._announce_sequence(state)
         chunk = self.prefill_chunk_size or state.prompt_len
-        spans = [(p, min(chunk, state.prompt_len - p)) for p in range(0, state.prompt_len, chunk)]
-        features: dict[int, dict[int, Tensor]] = {}
-        for pos, count in spans:
+        ids = torch.tensor([state.tokens], dtype=torch.long)  # [1, prompt_len]
+        for pos in range(0, state.prompt_len, chunk):
+            count = min(chunk, state.prompt_len - pos)
             out = self.stage.forward(pos, token_ids=ids[:, pos:pos + count])  # [count, 1, h]
-            self._keep_local_taps(features, pos, count)
+            self._share_local_anchors(Header(Op.PREFILL, pos, count, state.prompt_len))
             self.link.send_next(Header(Op.PREFILL, pos, count, state.prompt_len), out)
-        for _ in spans:
-            last_logits = self._collect_reports(features)
-        first = sample_token(last_logits, self.sampling, self.generator)
-        self._start_controller(state, features, first)
+        shared = self._last_stage_shares_channel()
+        for _ in range(0, state.prompt_len, chunk):  # the last stage sends verdict, then anchors
+            _, logits = self._recv_verdict_material()
+            if shared:
+                self.host.receive_one(self.n - 1)
+        if self.host is not None:
+            self.host.collect_prefill(state.prompt_len, frozenset({self.n - 1} if shared else ()))
+        self._start_controller(state, sample_token(logits, self.sampling, self.generator))
 
-    def propose(self, state: DecodeState) -> Optional[DraftProposal]:
-        """Stage 0: gather last cycle's anchors, then the draft predicts the next position."""
+    def propose(self, state: DecodeState):
+        """Stage 0: the draft predicts the token after the one injected this cycle."""
         if not self.is_first or self.next_input is None:
             return None
-        self._receive_cycle_reports()
-        start = time.perf_counter()
-        ctx = self._draft_context(state)
-        proposal = self.draft.propose(ctx, self.sampling, self.generator)
-        self.stats.draft_seconds += time.perf_counter() - start
+        rows = self._rows(state)
+        h0 = self._embedding(self.next_input.token) if 0 in self.anchors else None
+        if self.host is None:
+            self._send_rows(rows, h0)
+            return None  # the dedicated draft rank answers; commit/rollback receive it
+        proposal = self.host.propose(rows, h0, self.sampling, self.generator)
+        self.stats.draft_seconds = self.host.draft_seconds
         return proposal
 
-    def advance(self, state: DecodeState, proposal) -> Optional[Tensor]:
-        """Every stage processes the token it holds; stages > 0 report to stage 0."""
+    def advance(self, state: DecodeState, proposal) -> None:
+        """Every stage processes the token it holds and reports what the others need."""
         if self.is_first:
-            return self._inject(state)
+            return self._inject()
         header = self.link.recv_prev()
         if header.op == Op.STOP:
             if not self.is_last:
                 self.link.send_next(header)
             state.finished = True
             return None
-        out = self._run_message(header)
-        self._report(header, out)
+        self._process_and_report(header)
         return None
 
     def verify(self, state: DecodeState, out, proposal) -> Optional[Verdict]:
@@ -127,14 +155,15 @@ class SPDSchedule(SpeculativeSchedule):
         if not self.is_first or len(self.in_flight) < self.n:
             return None
         exiting = self.in_flight.pop(0)
-        header, logits = self._recv_last_report(exiting)
+        header, logits = self._recv_verdict_material()
+        if header.position != exiting.position:
+            raise RuntimeError(f"SPD protocol: verdict for {header.position}, expected {exiting.position}")
         if exiting.epoch != self.epoch or not self.in_flight:
             return None  # a flushed token: nothing to verify (refill)
         start = time.perf_counter()
         draft = self.in_flight[0]
         self.pending = exiting.position
-        self.features = {p: f for p, f in self.features.items() if p >= self.pending}
-        target = logits if logits is not None else _argmax_logits(header.token, self.vocab_size)
+        target = logits if logits is not None else _one_hot_logits(header.token, self.vocab_size)
         accepted, token = verify(draft.token, draft.probs, target, self.sampling, self.generator)
         self.stats.observe_verdict(accepted, draft.fill)
         self.stats.verify_seconds += time.perf_counter() - start
@@ -142,8 +171,9 @@ class SPDSchedule(SpeculativeSchedule):
 
     def commit(self, state: DecodeState, proposal, verdict: Optional[Verdict]) -> None:
         """Stage 0: commit an accepted draft; admit the proposal as the next token to inject."""
-        if not self.is_first or state.finished:
+        if not self.is_first:
             return
+        proposal = proposal or self._recv_proposal()
         if verdict is not None:
             state.commit(verdict)
             self.emit(state)
@@ -155,155 +185,210 @@ class SPDSchedule(SpeculativeSchedule):
 
     def rollback(self, state: DecodeState, verdict: Verdict) -> None:
         """Stage 0: commit the recovered token; everything younger is stale; refill from it."""
+        if self.host is None:
+            self._recv_proposal()  # this cycle's draft is flushed with the rest
         state.commit(verdict)
         self.emit(state)
         self.epoch += 1
-        self.features = {p: f for p, f in self.features.items() if p < verdict.position}
-        self.draft.truncate(verdict.position)
+        if self.host is not None:
+            self.host.rollback(verdict.position, self.epoch)
+        self.rollback_to = verdict.position
         if not state.finished:
             self.next_input = InFlight(self.injected, verdict.position, verdict.token_id, self.epoch)
 
     def finish(self, state: DecodeState) -> None:
-        """Stage 0 sends STOP down the ring and drains the reports still on their way."""
+        """Stage 0 sends STOP down the ring (and to a dedicated draft) and drains what is in flight."""
         if self.is_first:
             self.link.send_next(Header(Op.STOP))
-            for src in range(1, self.n):
-                while self.reports_from[src] < self.injected:
-                    self._recv_report(src, None)
+            if self.draft_rank is not None and self.placement.tp_rank == 0:
+                self.link.send_to(self.draft_rank, Header(Op.STOP))
+            self._drain_last_stage()
+            if self.host is not None:
+                self.host.finish()
         super().finish(state)
 
+    def _last_stage_shares_channel(self) -> bool:
+        """Co-located draft with last-stage anchors: verdict and anchor messages alternate."""
+        return self.host is not None and (self.n - 1) in self.host.remote
+
+    def _drain_last_stage(self) -> None:
+        """Take every remaining message of the last stage, in the order it sent them."""
+        shared = self._last_stage_shares_channel()
+        while True:
+            if shared and self.host.reports_from[self.n - 1] < self.verdicts_received:
+                self.host.receive_one(self.n - 1)  # anchors lag the verdicts by one token
+            elif self.verdicts_received < self.injected:
+                self._recv_verdict_material()
+            else:
+                return
+
     # ============================ stage 0: controller ==========================================
-    def _start_controller(self, state: DecodeState, features, first: int) -> None:
-        self.features = features
+    def _start_controller(self, state: DecodeState, first: int) -> None:
         self.in_flight: list[InFlight] = []
-        self.injected = 0
-        self.reports_from = {s: 0 for s in range(1, self.n)}
-        self.pending = state.prompt_len - 1
-        rows = [DraftRow(p, state.tokens[p], self.n, features.get(p, {})) for p in range(state.prompt_len)]
-        self.draft.start(rows)
-        verdict = Verdict(False, state.prompt_len, first, state.is_last_token(first))
-        state.commit(verdict)
+        self.injected = self.verdicts_received = 0
+        self.pending, self.rollback_to = state.prompt_len - 1, -1
+        state.commit(Verdict(False, state.prompt_len, first, state.is_last_token(first)))
         self.emit(state)
         self.next_input = None if state.finished else InFlight(0, state.prompt_len, first, 0)
 
-    def _inject(self, state: DecodeState) -> None:
+    def _inject(self) -> None:
         tok = self.next_input
         start = time.perf_counter()
         out = self.stage.forward(tok.position, token_ids=torch.tensor([[tok.token]]))  # [1, 1, h]
         self.stats.stage_compute_seconds += time.perf_counter() - start
-        self._keep_local_taps(self.features, tok.position, 1)
-        self.link.send_next(Header(Op.STEP, tok.position, 1, tok.token, tok.epoch), out)
+        header = Header(Op.STEP, tok.position, 1, tok.token, tok.epoch)
+        self._share_local_anchors(Header(Op.REPORT, tok.position, 1, -1, tok.epoch))
+        self.link.send_next(header, out)
         self.in_flight.append(tok)
         self.injected += 1
         self.next_input = None
-        return None
 
-    def _draft_context(self, state: DecodeState) -> DraftContext:
-        """Rows: the pending completed token (depth n), in-flight tokens, the newest (depth 0)."""
+    def _rows(self, state: DecodeState) -> list[tuple[int, int, int]]:
+        """(position, token, depth): the pending completed token, in-flight tokens, the newest."""
         newest = self.next_input
         live = [t for t in self.in_flight if t.epoch == self.epoch]
         rows = []
-        if self.pending is not None and (not live or self.pending == live[0].position - 1):
-            rows.append(self._row(self.pending, state.tokens[self.pending], self.n))
-        for t in live:
-            rows.append(self._row(t.position, t.token, self.injected - t.index))
-        rows.append(DraftRow(newest.position, newest.token, 0, self._embedding_anchor(newest.token)))
-        tokens = state.tokens[:rows[0].position] + [r.token for r in rows]
-        return DraftContext(newest.position + 1, tokens, rows, len(state.tokens))
+        if not live or self.pending == live[0].position - 1:
+            rows.append((self.pending, state.tokens[self.pending], self.n))
+        rows += [(t.position, t.token, self.injected - t.index) for t in live]
+        return rows + [(newest.position, newest.token, 0)]
 
-    def _row(self, position: int, token: int, depth: int) -> DraftRow:
-        return DraftRow(position, token, depth, self.features.get(position, {}))
+    def _embedding(self, token: int) -> Tensor:
+        return self.stage.model.embedding(torch.tensor([[token]]), None)[0, 0]  # [h]
 
-    def _embedding_anchor(self, token: int) -> dict[int, Tensor]:
-        if 0 not in self.anchors:
-            return {}
-        emb = self.stage.model.embedding(torch.tensor([[token]]), None)  # [1, 1, h]
-        return {0: emb[0, 0]}
+    def _share_local_anchors(self, header: Header) -> None:
+        """Stage 0's taps: into the co-located host, or to the dedicated draft rank."""
+        if not self.report_anchors[0]:
+            return
+        if self.host is not None:
+            self.host.add_local(header.position, self.stage.taps, header.count)
+        elif self.anchor_dest is not None:
+            self._send_anchors(header)
 
-    def _keep_local_taps(self, features, position: int, count: int) -> None:
-        for k in self.report_anchors[0]:
-            hidden = self.stage.taps[k]  # [count, 1, h]
-            for i in range(count):
-                features.setdefault(position + i, {})[k] = hidden[i, 0].clone()
-
-    def _receive_cycle_reports(self) -> None:
-        """Reports of the tokens stages 1..n-2 processed last cycle (stage s: injected - s)."""
-        for src in range(1, self.n - 1):
-            while self.reports_from[src] < self.injected - src:
-                self._recv_report(src, self.features)
-
-    def _recv_last_report(self, exiting: InFlight) -> tuple[Header, Optional[Tensor]]:
-        keep = self.features if exiting.epoch == self.epoch else None
-        header, logits = self._recv_report(self.n - 1, keep)
-        if header.position != exiting.position:
-            raise RuntimeError(f"SPD protocol: expected a report for position {exiting.position}, "
-                               f"got {header.position}")
+    def _recv_verdict_material(self) -> tuple[Header, Optional[Tensor]]:
+        last = self.link.last_rank
+        header = self.link.recv_header(last)
+        logits = None if self.sampling.is_greedy else self.link.recv_tensor(last, (self.vocab_size,), torch.float32)
+        if header.op == Op.VERDICT:
+            self.verdicts_received += 1
+        elif logits is None:
+            logits = _one_hot_logits(header.token, self.vocab_size)  # prefill, greedy
         return header, logits
 
-    def _recv_report(self, src: int, features) -> tuple[Header, Optional[Tensor]]:
-        """One report from stage ``src``; anchors kept in ``features`` if current, else dropped."""
-        rank = self.link.stage_ranks[src]
-        header = self.link.recv_header(rank)
-        anchors = self.report_anchors[src]
-        payload = None
-        if anchors:
-            shape = (header.count, len(anchors), self.stage.arch.hidden_size)  # [count, A_s, h]
-            payload = self.link.recv_tensor(rank, shape, self.link.dtype)
-        logits = None
-        if src == self.n - 1 and not self.sampling.is_greedy:
-            logits = self.link.recv_tensor(rank, (self.vocab_size,), torch.float32)
-        if features is not None and payload is not None and header.epoch == self.epoch:
-            for i in range(header.count):
-                slot = features.setdefault(header.position + i, {})
-                slot.update({k: payload[i, j] for j, k in enumerate(anchors)})
-        if header.op == Op.REPORT:
-            self.reports_from[src] = self.reports_from.get(src, 0) + 1
-        return header, logits
+    # ---- dedicated draft rank: the controller's side --------------------------------------------
+    def _announce_sequence(self, state: DecodeState) -> None:
+        if self.draft_rank is not None and self.placement.tp_rank == 0:
+            self.link.send_to(self.draft_rank, Header(Op.SEQUENCE, 0, state.prompt_len),
+                              torch.tensor(state.tokens, dtype=torch.long))
 
-    def _collect_reports(self, features) -> Tensor:
-        """Prefill: the reports of one chunk from every stage; returns the last stage's logits [V]."""
-        for src in range(1, self.n):
-            header, logits = self._recv_report(src, features)
-        if logits is None:
-            logits = _argmax_logits(header.token, self.vocab_size)
-        return logits
+    def _send_rows(self, rows, h0: Optional[Tensor]) -> None:
+        if self.placement.tp_rank != 0:
+            return
+        table = torch.full((self.n + 1, 3), -1, dtype=torch.long)  # [n + 1, (position, token, depth)]
+        table[: len(rows)] = torch.tensor(rows, dtype=torch.long)
+        payload = [table] + ([h0] if h0 is not None else [])
+        header = Header(Op.ROWS, rows[-1][0], len(rows), self.rollback_to, self.epoch)
+        self.link.send_to(self.draft_rank, header, *payload)
+        self.rollback_to = -1
+
+    def _recv_proposal(self) -> DraftProposal:
+        start = time.perf_counter()
+        header = self.link.recv_header(self.draft_rank)
+        probs = None if self.sampling.is_greedy else self.link.recv_tensor(self.draft_rank, (self.vocab_size,), torch.float32)
+        self.stats.draft_seconds += time.perf_counter() - start  # waiting on the draft rank
+        return DraftProposal(header.token, probs)
 
     # ============================ stages > 0 ===================================================
     def _prefill_and_report(self) -> None:
         while True:
             header = self.link.recv_prev()
-            out = self._run_message(header)
-            self._report(header, out)
+            self._process_and_report(header)
             if header.position + header.count == header.token:  # token = prompt length
                 return
 
-    def _run_message(self, header: Header) -> Tensor:
-        """Process a ring message; a newer epoch means: truncate to its position first."""
+    def _process_and_report(self, header: Header) -> None:
+        """Run a ring message (a newer epoch truncates the cache to its position: prepare_write)."""
         hidden = self.link.recv_hidden(header.count)
         start = time.perf_counter()
         out = self.stage.forward(header.position, hidden=hidden)
         self.stats.stage_compute_seconds += time.perf_counter() - start
         if not self.is_last:
             self.link.send_next(header, out)
-        return out
+        else:
+            self._send_verdict_material(header, out)
+        if self.anchor_dest is not None:
+            op = Op.PREFILL if header.op == Op.PREFILL else Op.REPORT
+            self._send_anchors(Header(op, header.position, header.count, -1, header.epoch))
 
-    def _report(self, header: Header, out: Tensor) -> None:
-        """Anchors (and the last stage's verdict material) to stage 0."""
-        op = Op.PREFILL if header.op == Op.PREFILL else Op.REPORT
-        tensors = []
-        if self.report_anchors[self.placement.pp_rank]:
-            taps = [self.stage.taps[k][:, 0] for k in self.report_anchors[self.placement.pp_rank]]
-            tensors.append(torch.stack(taps, dim=1))  # [count, A_s, h]
-        token = -1
-        if self.is_last:
-            last = out[0, -1].float()  # [V] logits of the newest row
-            token = int(torch.argmax(last))
-            if not self.sampling.is_greedy:
-                tensors.append(last)
-        self.link.send_to_first(Header(op, header.position, header.count, token, header.epoch), *tensors)
+    def _send_verdict_material(self, header: Header, out: Tensor) -> None:
+        last = out[0, -1].float()  # [V] logits of the newest row
+        op = Op.PREFILL if header.op == Op.PREFILL else Op.VERDICT
+        tensors = [] if self.sampling.is_greedy else [last]
+        reply = Header(op, header.position, header.count, int(torch.argmax(last)), header.epoch)
+        self.link.send_to_first(reply, *tensors)
+
+    def _send_anchors(self, header: Header) -> None:
+        taps = [self.stage.taps[k][:, 0] for k in self.report_anchors[self.placement.pp_rank]]
+        self.link.send_to(self.anchor_dest, header, torch.stack(taps, dim=1))  # [count, A_s, h]
 
 
-def _argmax_logits(token: int, vocab_size: int) -> Tensor:
+class DraftServer:
+    """The dedicated draft rank: one ``generate`` per sequence, driven by stage 0's messages.
+
+    Args:
+        host: a DraftHost whose remote stages are every stage with anchors.
+        link: reaches stage 0 (TP slot 0) and every stage-0 TP rank.
+        stage0_ranks: global ranks of stage 0's TP ranks (each gets every proposal).
+    """
+
+    has_draft = True
+
+    def __init__(self, host: DraftHost, link, stage0_ranks: list[int], sampling, seed: int = 0,
+                 vocab_size: int = 0, use_h0: bool = True) -> None:
+        self.host, self.link, self.stage0_ranks = host, link, stage0_ranks
+        self.sampling = sampling
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab_size, self.use_h0 = vocab_size, use_h0
+        self.prefill_chunk_size = 0
+
+    @property
+    def draft(self) -> Draft:
+        return self.host.draft
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids, max_new_tokens, eos_token_ids=(), on_token=None) -> GenerationResult:
+        from spd_megatron.metrics import DecodeStats
+
+        controller = self.stage0_ranks[0]
+        header = self.link.recv_header(controller)
+        prompt = self.link.recv_tensor(controller, (header.count,), torch.long).tolist()
+        self.host.begin(prompt)
+        self.host.collect_prefill(len(prompt))
+        while True:  # stage 0's channel carries ROWS(c), stage 0's anchors of cycle c, ..., STOP
+            header = self.link.recv_header(controller)
+            if header.op == Op.STOP:
+                self.host.finish()
+                self.link.flush()
+                return GenerationResult([], DecodeStats(draft_seconds=self.host.draft_seconds))
+            if header.op == Op.REPORT:
+                self.host.receive_one(0, header)
+            else:
+                self._answer(controller, header)
+
+    def _answer(self, controller: int, header: Header) -> None:
+        table = self.link.recv_tensor(controller, (self.host.n + 1, 3), torch.long)
+        h0 = self.link.recv_tensor(controller, (self.host.hidden_size,), self.host.dtype) if self.use_h0 else None
+        if header.token >= 0:  # token field = rollback position
+            self.host.rollback(header.token, header.epoch)
+        rows = [tuple(r) for r in table[: header.count].tolist()]
+        proposal = self.host.propose(rows, h0, self.sampling, self.generator)
+        reply = Header(Op.PROPOSAL, header.position + 1, 0, proposal.token, header.epoch)
+        tensors = [] if self.sampling.is_greedy else [proposal.probs]
+        for rank in self.stage0_ranks:
+            self.link.send_to(rank, reply, *tensors)
+
+
+def _one_hot_logits(token: int, vocab_size: int) -> Tensor:
     """Greedy verification needs only the argmax: a one-hot stand-in for the logits."""
     logits = torch.zeros(vocab_size)
     logits[token] = 1.0

@@ -86,7 +86,7 @@ def to_transformer_config(arch: ArchSpec, placement: StagePlacement, dtype: str,
 
 def build_stage_model(arch: ArchSpec, placement: StagePlacement, dtype: str, spec_name: str,
                       max_seq_len: int, fp8: bool = False, pre_process: bool | None = None,
-                      post_process: bool | None = None, initialize: bool = False):
+                      post_process: bool | None = None, initialize: bool = False, pg_collection=None):
     """Build this rank's GPTModel stage (embedding on the first, norm + output layer on the last).
 
     Embeddings are never shared with the output layer: the checkpoint always holds
@@ -106,6 +106,7 @@ def build_stage_model(arch: ArchSpec, placement: StagePlacement, dtype: str, spe
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,
+        pg_collection=pg_collection,
     )
     if arch.rope_scaling is not None:
         apply_llama3_rope_scaling(model.rotary_pos_emb, arch)

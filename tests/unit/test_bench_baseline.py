@@ -94,3 +94,23 @@ def test_parse_args_quick_and_configs():
 def test_cpu_seconds_reads_machine_and_own_cpu():
     busy, own = bench.cpu_seconds()
     assert busy > 0 and own > 0
+
+
+def test_measured_reruns_a_disturbed_run_then_keeps_the_clean_one(monkeypatch):
+    class FakeClock:  # every perf_counter() call advances 1 s
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1.0
+            return self.now
+
+    # (machine busy s, own s) before/after each try: try 1 sees 1 core of others, try 2 none
+    readings = iter([(0.0, 0.0), (2.0, 1.0), (10.0, 5.0), (11.0, 6.0)])
+    monkeypatch.setattr(bench, "time", FakeClock())
+    monkeypatch.setattr(bench, "cpu_seconds", lambda: next(readings))
+    calls = []
+    args = bench.parse_args(["--idle-wait", "0", "--retries", "2", "--max-other-cores", "0.25"])
+    result, notes = bench.measured(lambda: calls.append(1) or "ok", args)
+    assert result == "ok" and len(calls) == 2
+    assert notes["rejected_tries_other_cpu_cores"] == [pytest.approx(1.0)]
+    assert notes["other_cpu_cores"] == 0.0 and notes["idle_wait_seconds"] == 0.0
