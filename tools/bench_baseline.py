@@ -357,7 +357,7 @@ def plot_chart(samples: dict, summary: dict, path: Path) -> None:
     bars = ax.bar(range(len(names)), medians, color=["#999999", "#bbbbbb", "#1f77b4", "#ff7f0e"][:len(names)])
     for i, n in enumerate(names):
         ax.plot([i] * len(samples[n]), [s["decode_tokens_per_s"] for s in samples[n]], "k.", ms=6)
-    ax.bar_label(bars, fmt="%.1f", padding=5)
+    ax.bar_label(bars, fmt="%.1f", label_type="center", color="white", fontweight="bold")
     ax.set_xticks(range(len(names)), [LABELS[n].replace(", ", "\n").replace(" PP", "\nPP") for n in names])
     ax.set_ylabel("decode tokens/s (greedy, batch 1)")
     ax.set_title("SmolLM2-135M-Instruct fp32, 2-core CPU: median (bars), repeats (dots)")
