@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from spd_megatron.convert.checkpoint import read_full_state_dict, read_record, save_checkpoint
 from spd_megatron.convert.hf_mcore import hf_to_mcore, mcore_to_hf
-from spd_megatron.convert.sources import load_hf_state_dict, save_hf_folder
+from spd_megatron.convert.sources import load_hf_state_dict, resolve_source, save_hf_folder
 from spd_megatron.target.arch import ArchSpec, arch_from_hf_config
 
 log = logging.getLogger(__name__)
@@ -36,21 +36,21 @@ def eos_token_ids(folder: Optional[Path], tokenizer: Any, hf_config: Any) -> lis
 def convert_hf_to_checkpoint(src: str | Path, out_dir: str | Path, dtype: str = "float32",
                              show_progress: bool = True) -> Path:
     """Convert an HF folder / GGUF file / builtin name into an spd_megatron checkpoint."""
-    steps = tqdm(total=3, desc="convert", disable=not show_progress, unit="step")
-    steps.set_postfix_str(f"reading {src}")
-    hf_sd, hf_config, tokenizer = load_hf_state_dict(src)
-    arch = arch_from_hf_config(hf_config)
-    steps.update()
-    steps.set_postfix_str("mapping to megatron names")
-    mc_sd = hf_to_mcore(hf_sd, arch)
-    steps.update()
-    steps.set_postfix_str(f"writing {out_dir}")
-    folder = Path(src) if Path(src).is_dir() else None
-    extra = {"source": str(src), "eos_token_ids": eos_token_ids(folder, tokenizer, hf_config),
-             "hf_config": hf_config.to_dict()}
-    out = save_checkpoint(out_dir, mc_sd, arch, dtype, tokenizer, extra)
-    steps.update()
-    steps.close()
+    resolve_source(src)  # a wrong path fails here, in one line, before any progress output
+    with tqdm(total=3, desc="convert", disable=not show_progress, unit="step") as steps:
+        steps.set_postfix_str(f"reading {src}")
+        hf_sd, hf_config, tokenizer = load_hf_state_dict(src)
+        arch = arch_from_hf_config(hf_config)
+        steps.update()
+        steps.set_postfix_str("mapping to megatron names")
+        mc_sd = hf_to_mcore(hf_sd, arch)
+        steps.update()
+        steps.set_postfix_str(f"writing {out_dir}")
+        folder = Path(src) if Path(src).is_dir() else None
+        extra = {"source": str(src), "eos_token_ids": eos_token_ids(folder, tokenizer, hf_config),
+                 "hf_config": hf_config.to_dict()}
+        out = save_checkpoint(out_dir, mc_sd, arch, dtype, tokenizer, extra)
+        steps.update()
     return out
 
 

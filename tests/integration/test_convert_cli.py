@@ -42,6 +42,7 @@ def test_convert_verify_and_back(tmp_path):
 def test_convert_errors_are_one_line(tmp_path):
     proc = convert("--hf", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "does not exist" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     (tmp_path / "empty").mkdir()
     proc = convert("--hf", str(tmp_path / "empty"), "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
@@ -50,4 +51,5 @@ def test_convert_errors_are_one_line(tmp_path):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
     proc = convert("--hf", str(gpt2), "--out", str(tmp_path / "x"))
-    assert proc.returncode == 2 and "unsupported architecture 'GPT2LMHeadModel'" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: unsupported architecture 'GPT2LMHeadModel'")
