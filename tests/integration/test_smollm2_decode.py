@@ -63,3 +63,26 @@ def test_sampling_is_reproducible_with_a_seed(smollm2, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(json.loads(report.read_text())["results"][0]["output_ids"])
     assert outs[0] == outs[1] and len(outs[0]) == 12
+
+
+@pytest.mark.slow
+def test_spd_pp2_equals_hf_generate(smollm2, tmp_path):
+    """SPD (random PDM on stage 0: many rejects and rollbacks) on the real model is lossless."""
+    ckpt, hf_dir = smollm2
+    report = tmp_path / "spd.json"
+    proc = run_decode(2, "prompts_file=humaneval", "prompts_limit=2", "max_new_tokens=24",
+                      "schedule.name=spd", f"report.json={report}", "report.stream=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(report.read_text())
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
+    for r in data["results"]:
+        ids = torch.tensor([r["prompt_ids"]])
+        with torch.no_grad():
+            expected = hf.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+        assert r["output_ids"] == expected.tolist()
+        stats = r["stats"]
+        assert stats["verified"] == len(r["output_ids"]) - 1 and stats["pipeline_depth"] == 2
+        assert stats["verified"] == stats["accepted"] + stats["rollbacks"]
+    assert "acceptance_rate" in data["summary"] and "equivalent_accept_length" in data["summary"]
