@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from spd_megatron.convert.shard import check_tp_compatible, local_to_global_key, shard_for_tp
+from spd_megatron.convert.te_names import checkpoint_key_for, is_extra_state, normalize_to_local
 from spd_megatron.errors import SPDError
 from spd_megatron.target.arch import ArchSpec
 
@@ -93,18 +94,25 @@ def load_stage_weights(ckpt_dir: str | Path, model: torch.nn.Module, arch: ArchS
                        layer_offset: int, tp_rank: int, tp_size: int) -> None:
     """Fill a stage's GPTModel from the checkpoint, reading only this rank's slices.
 
+    Works for both layer specs: a Transformer Engine model's fused-norm names
+    (``linear_qkv.layer_norm_weight``...) are mapped to the checkpoint's local-spec names
+    (``spd_megatron.convert.te_names``); ``_extra_state`` and empty placeholders are skipped.
+
     Raises:
         SPDError: the checkpoint lacks a tensor this stage needs, or a shape does not match.
     """
     check_tp_compatible(arch, tp_size)
-    params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    params = {k: v for k, v in model.state_dict().items() if not is_extra_state(k)}
     with safe_open(str(Path(ckpt_dir) / WEIGHTS), framework="pt") as f:
         available = set(f.keys())
         for local_name, target in params.items():
-            name = local_to_global_key(local_name, layer_offset)
-            if name not in available:
-                raise SPDError(f"checkpoint {ckpt_dir} has no tensor {name} needed by this stage; "
-                               "it was converted from a different model")
+            name = checkpoint_key_for(local_to_global_key(local_name, layer_offset), available)
+            if name is None and target.numel() == 0:
+                continue  # TE keeps a zero-size ``bias`` when a layer has none
+            if name is None:
+                raise SPDError(f"checkpoint {ckpt_dir} has no tensor "
+                               f"{local_to_global_key(local_name, layer_offset)} needed by this "
+                               "stage; it was converted from a different model")
             shard = shard_for_tp(name, f.get_slice(name), arch, tp_rank, tp_size)
             if shard.shape != target.shape:
                 raise SPDError(f"checkpoint tensor {name} gives shape {list(shard.shape)} on this rank "
@@ -114,6 +122,6 @@ def load_stage_weights(ckpt_dir: str | Path, model: torch.nn.Module, arch: ArchS
 
 
 def read_full_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint (for the reverse conversion)."""
+    """Every tensor of the checkpoint, with local-spec names (for the reverse conversion)."""
     with safe_open(str(Path(ckpt_dir) / WEIGHTS), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return normalize_to_local({k: f.get_tensor(k) for k in f.keys()})

@@ -40,6 +40,8 @@ _TP_RULES = {
     ("q_layernorm", "weight"): REPLICATED,
     ("k_layernorm", "weight"): REPLICATED,
     ("final_layernorm", "weight"): REPLICATED,
+    ("linear_qkv", "layer_norm_weight"): REPLICATED,  # Transformer Engine spec: fused input norm
+    ("linear_fc1", "layer_norm_weight"): REPLICATED,  # Transformer Engine spec: fused pre-MLP norm
 }
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
 
