@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +84,27 @@ def pdm_config(cfg: SPDConfig, arch: ArchSpec, split: list[int]):
     from spd_megatron.draft.features import check_anchors, default_anchors
     from spd_megatron.draft.pdm import PDMConfig, check_pdm_matches, read_pdm_config
 
-    if cfg.draft.path:
-        pdm_cfg = read_pdm_config(cfg.draft.path)
+    path = draft_path(cfg, split)
+    if path:
+        pdm_cfg = read_pdm_config(path)
         check_pdm_matches(pdm_cfg, arch, split)
         return pdm_cfg
     anchors = check_anchors(cfg.draft.anchors or default_anchors(split), arch.num_layers)
     return PDMConfig(split, anchors, cfg.draft.num_layers, target=arch.to_dict())
+
+
+SHIPPED_DRAFTS = Path(__file__).parent / "drafts"
+
+
+def draft_path(cfg: SPDConfig, split: list[int]) -> str:
+    """draft.path, else a draft shipped for the builtin model and this stage layout, else ''."""
+    if cfg.draft.path or cfg.model.checkpoint:
+        return cfg.draft.path
+    folder = SHIPPED_DRAFTS / cfg.model.builtin / f"n{len(split)}"
+    config = folder / "pdm_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("split") == list(split):
+        return str(folder)
+    return ""
 
 
 def build_draft(cfg: SPDConfig, ckpt: Path, stage: TargetStage, ctx: ParallelContext):
@@ -110,9 +126,10 @@ def load_pdm(cfg: SPDConfig, ckpt: Path, pdm_cfg, arch: ArchSpec, ctx: ParallelC
     module = PipelineDraftModule(pdm_cfg, arch, 0 if solo else ctx.tp_rank, 1 if solo else ctx.tp_size,
                                  cfg.model.dtype, cfg.model.max_seq_len,
                                  pg_collection=ctx.draft_groups if solo else None).eval()
+    path = draft_path(cfg, pdm_cfg.split)
     with torch.no_grad():
-        if cfg.draft.path:
-            load_pdm_weights(module, cfg.draft.path)
+        if path:
+            load_pdm_weights(module, path)
         else:
             init_from_target(module, ckpt)
     return module

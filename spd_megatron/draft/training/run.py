@@ -66,7 +66,43 @@ def train_draft(cfg: SPDConfig) -> Path:
                   config=_train_config_dict(cfg, split))
     final = save_pdm(module, out / "final", dtype="bfloat16")
     (final / "training.json").write_text(json.dumps(record, indent=2))
+    write_model_card(final, record)
     return final
+
+
+def write_model_card(folder: Path, record: dict) -> None:
+    """A human-readable record of how the draft was trained, next to its weights."""
+    import shlex
+    import sys
+
+    last = record["history"][-1] if record["history"] else {}
+    cfg = record["config"]
+    lines = [
+        f"# PDM for {cfg['model']} (n = {len(cfg['layers_per_stage'])}, layers per stage {cfg['layers_per_stage']})",
+        "",
+        f"- Data: `{record['data']}`: {record['conversations']['train']} training and "
+        f"{record['conversations']['held_out']} held-out conversations (skipped: {record['skipped']}).",
+        f"- Trained: {record['steps']} steps, {record['tokens_seen']} tokens seen, "
+        f"{record['wall_seconds'] / 60:.1f} min wall on this machine.",
+        f"- PDM: {cfg['train']['pdm_layers']} layer(s), draft vocabulary {cfg['train']['draft_vocab_size']} "
+        f"(coverage of assistant tokens {record['draft_vocab_coverage']:.3f}), anchors in pdm_config.json.",
+        f"- Final held-out (steady state): KL {last.get('kl', float('nan')):.3f}, "
+        f"top-1 agreement with the target {last.get('agreement', float('nan')):.3f}.",
+        "",
+        "Held-out agreement during training:",
+        "",
+        "| step | tokens seen | KL | top-1 agreement |",
+        "|---|---|---|---|",
+        *[f"| {h['step']} | {h['tokens_seen']} | {h['kl']:.3f} | {h['agreement']:.3f} |" for h in record["history"]],
+        "",
+        "Reproduce:",
+        "",
+        "```bash",
+        "python tools/train_draft.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "```",
+        "",
+    ]
+    (folder / "MODEL_CARD.md").write_text("\n".join(lines))
 
 
 def _maybe_resume(trainer: PDMTrainer, out: Path, resume: bool) -> dict:
