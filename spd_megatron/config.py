@@ -35,7 +35,11 @@ class ModelConfig:
     layer_spec: str = "auto"
     """auto (transformer_engine on GPU when it imports, else local), local, transformer_engine."""
     fp8: bool = False
-    """FP8 through Transformer Engine's fp8_autocast (GPU + transformer_engine only)."""
+    """FP8 through Transformer Engine's fp8_autocast (GPU + transformer_engine only; recipe in
+    spd_megatron/target/fp8.py: DelayedScaling, HYBRID format). Off: model.dtype (bf16 on GPUs)."""
+    cuda_graphs: bool = False
+    """Replay each stage's one-token decode step as a CUDA graph (GPU only; not with fp8).
+    A capture that fails falls back to eager steps with one warning (docs: target/cuda_graphs.py)."""
 
 
 @dataclass
@@ -188,6 +192,12 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0]
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate_config(cfg: SPDConfig) -> None:
     """Cross-field checks that need no model or processes."""
     checks = [
@@ -197,6 +207,11 @@ def validate_config(cfg: SPDConfig) -> None:
          f"model.layer_spec={cfg.model.layer_spec} must be auto, local or transformer_engine"),
         (not (cfg.model.fp8 and cfg.model.layer_spec == "local"),
          "model.fp8=true needs the transformer_engine layer spec; set model.layer_spec=auto"),
+        (not (cfg.model.cuda_graphs and cfg.model.fp8),
+         "model.cuda_graphs=true does not work with model.fp8=true yet (TE's FP8 scaling state "
+         "updates outside the graph); pick one"),
+        (not cfg.model.cuda_graphs or _cuda_available(),
+         "model.cuda_graphs=true needs a CUDA GPU; leave it false on CPU"),
         (cfg.parallel.tensor_parallel_size >= 1, "parallel.tensor_parallel_size must be >= 1"),
         (cfg.parallel.pipeline_parallel_size >= 0, "parallel.pipeline_parallel_size must be >= 0"),
         (cfg.parallel.backend in ("auto", "gloo", "nccl"),

@@ -13,6 +13,7 @@ import torch
 from spd_megatron.config import SPDConfig
 from spd_megatron.convert.checkpoint import check_dtype, load_stage_weights, read_arch, read_record
 from spd_megatron.convert.shard import check_tp_compatible
+from spd_megatron.errors import SPDError
 from spd_megatron.parallel.cpu_compat import seed_megatron_rng
 from spd_megatron.parallel.init import ParallelContext, init_parallel
 from spd_megatron.parallel.layout import split_layers
@@ -62,11 +63,35 @@ def build_stage(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: ArchSpec
     placement = build_placement(cfg, ctx, arch)
     seed_megatron_rng(cfg.sampling.seed)
     spec = resolve_layer_spec_name(cfg.model.layer_spec)
+    check_fp8_spec(cfg, spec)
     model = build_stage_model(arch, placement, cfg.model.dtype, spec, cfg.model.max_seq_len,
-                              fp8=cfg.model.fp8).to(ctx.device)
+                              fp8=cfg.model.fp8, static_decode=cfg.model.cuda_graphs).to(ctx.device)
     with torch.no_grad():
         load_stage_weights(ckpt, model, arch, placement.layer_start, ctx.tp_rank, ctx.tp_size)
-    return TargetStage(model, arch, placement, cfg.model.max_seq_len)
+    stage = TargetStage(model, arch, placement, cfg.model.max_seq_len, device=ctx.device)
+    enable_gpu_paths(cfg, ctx, stage)
+    return stage
+
+
+def check_fp8_spec(cfg: SPDConfig, spec: str) -> None:
+    """model.fp8 needs the TE spec, which resolves only on a GPU with Transformer Engine."""
+    if cfg.model.fp8 and spec != "transformer_engine":
+        raise SPDError(f"model.fp8=true needs the Transformer Engine layer spec (a CUDA GPU with "
+                       f"transformer_engine installed), but model.layer_spec={cfg.model.layer_spec} "
+                       f"resolved to {spec} here; drop model.fp8 or run on a GPU node with TE")
+
+
+def enable_gpu_paths(cfg: SPDConfig, ctx: ParallelContext, stage: TargetStage) -> None:
+    """FP8 weight calibration and CUDA-graph decode steps, when configured (GPU only)."""
+    if cfg.model.fp8:
+        from spd_megatron.target.fp8 import calibrate_fp8
+
+        calibrate_fp8(stage)
+    if cfg.model.cuda_graphs:
+        from spd_megatron.target.cuda_graphs import make_decode_graphs
+
+        backend = "nccl" if ctx.comm_device.type == "cuda" else "gloo"
+        stage.decode_graphs = make_decode_graphs(stage, ctx.tp_size, backend)
 
 
 def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLink | None:
@@ -76,7 +101,8 @@ def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLin
     next_rank = None if ctx.is_last_stage else ctx.stage_rank(ctx.pp_rank + 1)
     stage_ranks = [ctx.stage_rank(s) for s in range(ctx.pp_size)]
     return StageLink(ctx.rank, prev_rank, next_rank, stage_ranks[0], stage_ranks[-1],
-                     arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks)
+                     arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks,
+                     device=ctx.comm_device)
 
 
 def pdm_config(cfg: SPDConfig, arch: ArchSpec, split: list[int]):
@@ -125,7 +151,7 @@ def load_pdm(cfg: SPDConfig, ckpt: Path, pdm_cfg, arch: ArchSpec, ctx: ParallelC
     solo = ctx.is_draft_rank  # a dedicated draft rank runs the PDM alone (TP=1)
     module = PipelineDraftModule(pdm_cfg, arch, 0 if solo else ctx.tp_rank, 1 if solo else ctx.tp_size,
                                  cfg.model.dtype, cfg.model.max_seq_len,
-                                 pg_collection=ctx.draft_groups if solo else None).eval()
+                                 pg_collection=ctx.draft_groups if solo else None).to(ctx.device).eval()
     path = draft_path(cfg, pdm_cfg.split)
     with torch.no_grad():
         if path:
@@ -172,7 +198,8 @@ def build_draft_server(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: A
     draft = PDMDraft(load_pdm(cfg, ckpt, pdm_cfg, arch, ctx))
     stage_ranks = [ctx.layout.rank_of(s, 0) for s in range(ctx.pp_size)]
     link = StageLink(ctx.rank, None, None, stage_ranks[0], stage_ranks[-1], arch.hidden_size,
-                     TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks)
+                     TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks,
+                     device=ctx.comm_device)
     report = [stage_anchors(s, pdm_cfg.anchors, split) for s in range(ctx.pp_size)]
     remote = {s: stage_ranks[s] for s in range(ctx.pp_size) if report[s]}
     host = DraftHost(draft, link, report, remote, ctx.pp_size, arch.hidden_size, link.dtype)

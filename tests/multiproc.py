@@ -49,9 +49,13 @@ def _worker(rank, world_size, port, fn, args, errors, timeout_s):
         os._exit(code)  # skip atexit handlers inherited from the pytest parent
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0) -> None:
-    """Run ``fn`` on ``world_size`` ranks; raise AssertionError with every failing rank's traceback."""
-    ctx = mp.get_context(START)
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0, start: str = "") -> None:
+    """Run ``fn`` on ``world_size`` ranks; raise AssertionError with every failing rank's traceback.
+
+    ``start``: the multiprocessing start method (default $SPD_TEST_START or fork); GPU tests use
+    spawn, since a forked child cannot use a CUDA context its parent already made.
+    """
+    ctx = mp.get_context(start or START)
     errors = ctx.SimpleQueue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors, timeout_s))

@@ -83,15 +83,17 @@ class PipelineDraftModule(nn.Module):
 
     def row_input_all(self, anchors: dict[int, Tensor], agg_type: int) -> Tensor:
         """W_i concat(h^{b_0..b_i}) for anchors of any leading shape: [..., h] -> [..., h]."""
-        feats = [anchors[b] for b in self.cfg.anchors[: agg_type + 1]]
         weight = self.projections[str(agg_type)].weight
+        feats = [anchors[b].to(weight.device) for b in self.cfg.anchors[: agg_type + 1]]
         return torch.cat(feats, dim=-1).to(weight.dtype) @ weight.t()
 
     def forward(self, rows: Tensor, start: int) -> Tensor:
         """Rows [R, 1, h] at positions [start, start + R) over the cache -> hidden [R, 1, h]."""
         self.cache.prepare_write(start, rows.shape[0])
         self.layers.set_input_tensor(rows)
-        out = self.layers(torch.zeros(1, 1, dtype=torch.long), None, causal_mask(start, rows.shape[0]),
+        device = self.head.weight.device
+        dummy_ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # ignored: no embedding here
+        out = self.layers(dummy_ids, None, causal_mask(start, rows.shape[0], device=device),
                           inference_context=self.cache.context, runtime_gather_output=True)
         self.cache.commit_write(start, rows.shape[0])
         return out
@@ -137,6 +139,7 @@ class PDMDraft(Draft):
         ids = self.module.vocab_ids
         if params.is_greedy:
             return DraftProposal(int(ids[torch.argmax(logits)]))
+        ids, logits = ids.cpu(), logits.cpu()  # sampling runs on the host (CPU generator)
         q_sub = target_probs(logits, params)  # [V_d]
         q = torch.zeros(self.module.arch.vocab_size)
         q[ids] = q_sub
@@ -188,7 +191,7 @@ def init_from_target(module: PipelineDraftModule, ckpt: str | Path) -> None:
     with safe_open(str(Path(ckpt) / WEIGHTS), framework="pt") as f:
         module.final_norm.weight.copy_(f.get_tensor("decoder.final_layernorm.weight"))
         head = f.get_tensor("output_layer.weight")  # [V, h]
-        module.head.weight.copy_(head[module.vocab_ids])
+        module.head.weight.copy_(head[module.vocab_ids.cpu()])  # the PDM may already be on a GPU
 
 
 def check_pdm_matches(cfg: PDMConfig, arch: ArchSpec, split: Sequence[int]) -> None:

@@ -53,7 +53,8 @@ def seed_megatron_rng(seed: int, outside_model_groups: bool = False) -> None:
     """E/F: megatron's CUDA RNG tracker, made to work without CUDA.
 
     ``inference_rng_tracker=True`` turns the tracker's add/fork into no-ops, which is all that the
-    (dropout-free) decode path needs. ``force_reset_rng`` lets this run twice in one process.
+    (dropout-free) decode path needs; it is used on GPUs too, where it also keeps CUDA-graph
+    capture free of RNG-state reads. ``force_reset_rng`` lets this run twice in one process.
     ``outside_model_groups``: a rank in no Megatron group (a dedicated draft rank) names its ranks.
     """
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -61,5 +62,5 @@ def seed_megatron_rng(seed: int, outside_model_groups: bool = False) -> None:
     torch.manual_seed(seed)
     ranks = dict(tp_rank=0, ep_rank=0, etp_rank=0) if outside_model_groups else {}
     model_parallel_cuda_manual_seed(
-        seed, inference_rng_tracker=not torch.cuda.is_available(), force_reset_rng=True, **ranks
+        seed, inference_rng_tracker=True, force_reset_rng=True, **ranks
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -63,6 +64,7 @@ class ParallelContext:
     timeout_s: float
     draft_rank: Optional[int] = None  # a dedicated draft rank after the TP x PP model ranks
     draft_groups: Optional[object] = None  # megatron ProcessGroupCollection of the draft rank alone
+    comm_device: torch.device = torch.device("cpu")  # where p2p messages live: GPU (NCCL) or CPU (gloo)
 
     @property
     def is_draft_rank(self) -> bool:
@@ -97,18 +99,66 @@ class ParallelContext:
         return self.layout.rank_of(pp_rank % self.pp_size, self.tp_rank)
 
 
+_JOB_ID_KEYS = ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "PMI_JOBID", "SLURM_JOB_ID")
+
+
+def mpi_master_port(environ: Optional[dict] = None) -> int:
+    """MASTER_PORT for an MPI launch that did not set one: derived from the MPI job id.
+
+    Every rank of a job computes the same port (no communication is possible before the process
+    group exists) and two jobs on one node get different ones. Pin it with ``-x MASTER_PORT=...``
+    when a port is known to be free, and give ``-x MASTER_ADDR=<rank 0's host>`` across nodes.
+    """
+    env = os.environ if environ is None else environ
+    for key in _JOB_ID_KEYS:
+        if env.get(key):
+            return 20000 + zlib.crc32(env[key].encode()) % 20000
+    return 29500
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _pick_backend(requested: str) -> str:
+_LOCAL_SIZE_KEYS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+
+
+def local_world_size(environ: Optional[dict] = None) -> int:
+    """Processes of this job on this node (0 when the launcher does not say)."""
+    env = os.environ if environ is None else environ
+    for key in _LOCAL_SIZE_KEYS:
+        if key in env:
+            return int(env[key])
+    return 0
+
+
+def pick_backend(requested: str, cuda: bool, gpus: int, local_procs: int) -> str:
+    """The torch.distributed backend for ``parallel.backend`` on this node.
+
+    auto: NCCL when every local process has a GPU of its own; gloo on CPU, and when processes
+    share GPUs (NCCL refuses two ranks on one GPU; gloo stages p2p tensors through host memory).
+    """
     if requested == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if requested == "nccl" and not torch.cuda.is_available():
+        if not cuda:
+            return "gloo"
+        if local_procs > gpus:
+            log.warning("%d processes share %d GPU(s): NCCL needs one GPU per rank, using gloo",
+                        local_procs, gpus)
+            return "gloo"
+        return "nccl"
+    if requested == "nccl" and not cuda:
         raise SPDError("parallel.backend=nccl needs CUDA GPUs; use parallel.backend=gloo (or auto) on CPU")
+    if requested == "nccl" and local_procs > gpus:
+        raise SPDError(f"parallel.backend=nccl needs one GPU per process, but {local_procs} processes "
+                       f"share {gpus} GPU(s) on this node; use parallel.backend=gloo (or auto)")
     return requested
+
+
+def _pick_backend(requested: str) -> str:
+    cuda = torch.cuda.is_available()
+    return pick_backend(requested, cuda, torch.cuda.device_count() if cuda else 0, local_world_size())
 
 
 def start_process_group(cfg: ParallelConfig) -> LaunchEnv:
@@ -119,11 +169,13 @@ def start_process_group(cfg: ParallelConfig) -> LaunchEnv:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if env.launcher == "single":
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif env.launcher == "mpi":
+        os.environ.setdefault("MASTER_PORT", str(mpi_master_port()))
     else:
         os.environ.setdefault("MASTER_PORT", "29500")
     backend = _pick_backend(cfg.backend)
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
+    if torch.cuda.is_available():  # one GPU per local rank; several ranks may share one (gloo)
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group(
         backend, rank=env.rank, world_size=env.world_size,
         timeout=timedelta(seconds=cfg.setup_timeout_s),
@@ -158,6 +210,7 @@ def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
     draft_groups = _draft_rank_groups(layout.world_size) if extra_ranks else None
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     is_model_rank = env.rank < layout.world_size
     return ParallelContext(
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, layout=layout,
@@ -166,6 +219,7 @@ def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
         tp_group=parallel_state.get_tensor_model_parallel_group() if is_model_rank else None,
         timeout_s=cfg.timeout_s, draft_rank=layout.world_size if extra_ranks else None,
         draft_groups=draft_groups if env.rank == layout.world_size else None,
+        comm_device=comm_device,
     )
 
 

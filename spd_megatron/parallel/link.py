@@ -52,9 +52,10 @@ class Header:
 
     SIZE = 5
 
-    def to_tensor(self) -> Tensor:
+    def to_tensor(self, device: Optional[torch.device] = None) -> Tensor:
+        """[5] int64 on ``device`` (CPU by default)."""
         return torch.tensor([int(self.op), self.position, self.count, self.token, self.epoch],
-                            dtype=torch.long)
+                            dtype=torch.long, device=device)
 
     @classmethod
     def from_tensor(cls, t: Tensor) -> "Header":
@@ -72,12 +73,17 @@ class StageLink:
         stage_ranks: global rank of every stage in this TP slot (for reports to/from any stage).
         hidden_size, dtype: the hidden-state payload.
         timeout_s: longest wait for any message.
+        device: where messages live while in transit: the GPU for NCCL (which only moves device
+            tensors), the CPU for gloo. Payloads are moved there before sending (a no-op when they
+            already are) and received tensors arrive there; callers move them where they compute.
     """
 
     def __init__(self, rank: int, prev_rank: Optional[int], next_rank: Optional[int],
                  first_rank: int, last_rank: int, hidden_size: int, dtype: torch.dtype,
-                 timeout_s: float, stage_ranks: Optional[list[int]] = None) -> None:
+                 timeout_s: float, stage_ranks: Optional[list[int]] = None,
+                 device: Optional[torch.device] = None) -> None:
         self.rank = rank
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.stage_ranks = stage_ranks or [first_rank, last_rank]  # global rank of each stage
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.first_rank, self.last_rank = first_rank, last_rank
@@ -88,6 +94,7 @@ class StageLink:
 
     # ---- sends: asynchronous; buffers stay alive until the next flush ------------------------
     def _isend(self, tensor: Tensor, dst: int) -> None:
+        tensor = tensor.to(self.device)  # no copy when it is already there
         if len(self._pending_sends) > 64:  # keep the list short in long decodes
             self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
         self._pending_sends.append((dist.isend(tensor, dst), tensor))
@@ -100,7 +107,7 @@ class StageLink:
 
     def send_next(self, header: Header, hidden: Optional[Tensor] = None) -> None:
         """To the next stage: a header, then ``hidden`` [count, 1, h] if given."""
-        self._isend(header.to_tensor(), self.next_rank)
+        self._isend(header.to_tensor(self.device), self.next_rank)
         if hidden is not None:
             self._isend(hidden.contiguous(), self.next_rank)
 
@@ -110,25 +117,25 @@ class StageLink:
 
     # ---- receives: blocking with a timeout --------------------------------------------------
     def recv_header(self, src: int) -> Header:
-        buf = torch.empty(Header.SIZE, dtype=torch.long)
+        buf = torch.empty(Header.SIZE, dtype=torch.long, device=self.device)
         self._wait(dist.irecv(buf, src), "header from", src)
         return Header.from_tensor(buf)
 
     def recv_hidden(self, count: int) -> Tensor:
         """[count, 1, h] from the previous stage."""
-        buf = torch.empty(count, 1, self.hidden_size, dtype=self.dtype)
+        buf = torch.empty(count, 1, self.hidden_size, dtype=self.dtype, device=self.device)
         self._wait(dist.irecv(buf, self.prev_rank), "hidden states from", self.prev_rank)
         return buf
 
     def send_to(self, dst: int, header: Header, *tensors: Tensor) -> None:
         """A header and payload tensors to any rank of this TP slot (e.g. a report to the draft rank)."""
-        self._isend(header.to_tensor(), dst)
+        self._isend(header.to_tensor(self.device), dst)
         for tensor in tensors:
             self._isend(tensor.contiguous(), dst)
 
     def recv_tensor(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A payload of known shape from ``src`` (shapes are fixed by the protocol, never sent)."""
-        buf = torch.empty(shape, dtype=dtype)
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
         self._wait(dist.irecv(buf, src), "payload from", src)
         return buf
 

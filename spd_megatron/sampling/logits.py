@@ -51,8 +51,12 @@ def target_probs(logits: Tensor, params: SamplingParams) -> Tensor:
 
 
 def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from a [V] logit vector (argmax when greedy)."""
+    """One token id from a [V] logit vector (argmax when greedy).
+
+    Greedy runs where the logits are; sampling runs on the host, where the seeded CPU generator
+    is (a [V] row is moved once; a no-op for CPU logits).
+    """
     if params.is_greedy:
         return int(torch.argmax(logits))
-    probs = target_probs(logits, params)
+    probs = target_probs(logits.float().cpu(), params)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -31,8 +31,11 @@ def verify_stochastic(draft_token: int, draft_probs: Tensor, target_logits: Tens
         target_logits: raw target logits [V]; the same warpers as q are applied.
     Returns:
         (accepted, committed token).
+
+    Runs on the host (the generator is a CPU generator); device tensors are moved once.
     """
-    p = target_probs(target_logits, params)  # [V]
+    draft_probs = draft_probs.cpu()
+    p = target_probs(target_logits.float().cpu(), params)  # [V]
     q_x = float(draft_probs[draft_token])
     u = float(torch.rand((), generator=generator))
     if q_x > 0 and u * q_x <= float(p[draft_token]):

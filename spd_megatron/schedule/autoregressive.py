@@ -50,7 +50,7 @@ class AutoregressiveSchedule(SpeculativeSchedule):
             self.commit(state, None, verdict)
 
     def _prefill_first(self, state: DecodeState) -> Tensor:
-        ids = torch.tensor([state.tokens], dtype=torch.long)  # [1, prompt_len]
+        ids = torch.tensor([state.tokens], dtype=torch.long, device=self.device)  # [1, prompt_len]
         chunk = self.prefill_chunk_size or state.prompt_len
         for pos in range(0, state.prompt_len, chunk):
             count = min(chunk, state.prompt_len - pos)
@@ -71,7 +71,7 @@ class AutoregressiveSchedule(SpeculativeSchedule):
     def advance(self, state: DecodeState, proposal) -> Optional[Tensor]:
         if self.is_first:
             position = state.next_position - 1
-            token_ids = torch.tensor([[state.tokens[-1]]], dtype=torch.long)  # [1, 1]
+            token_ids = torch.tensor([[state.tokens[-1]]], dtype=torch.long, device=self.device)  # [1, 1]
             return self.forward_and_pass(Header(Op.STEP, position, 1), token_ids=token_ids)
         header = self.link.recv_prev()
         if header.op == Op.STOP:

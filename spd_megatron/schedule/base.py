@@ -87,6 +87,7 @@ class SpeculativeSchedule(ABC):
         self.sampling = sampling
         self.generator = torch.Generator().manual_seed(seed)
         self.placement = stage.placement
+        self.device = getattr(stage, "device", torch.device("cpu"))  # where token ids are built
         self.stats = DecodeStats()
         self.on_token: Optional[TokenCallback] = None
 

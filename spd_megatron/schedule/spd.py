@@ -109,7 +109,7 @@ class SPDSchedule(SpeculativeSchedule):
             self.host.begin(state.tokens)
         self._announce_sequence(state)
         chunk = self.prefill_chunk_size or state.prompt_len
-        ids = torch.tensor([state.tokens], dtype=torch.long)  # [1, prompt_len]
+        ids = torch.tensor([state.tokens], dtype=torch.long, device=self.device)  # [1, prompt_len]
         for pos in range(0, state.prompt_len, chunk):
             count = min(chunk, state.prompt_len - pos)
             out = self.stage.forward(pos, token_ids=ids[:, pos:pos + count])  # [count, 1, h]
@@ -234,7 +234,8 @@ class SPDSchedule(SpeculativeSchedule):
     def _inject(self) -> None:
         tok = self.next_input
         start = time.perf_counter()
-        out = self.stage.forward(tok.position, token_ids=torch.tensor([[tok.token]]))  # [1, 1, h]
+        ids = torch.tensor([[tok.token]], dtype=torch.long, device=self.device)  # [1, 1]
+        out = self.stage.forward(tok.position, token_ids=ids)  # [1, 1, h]
         self.stats.stage_compute_seconds += time.perf_counter() - start
         header = Header(Op.STEP, tok.position, 1, tok.token, tok.epoch)
         self._share_local_anchors(Header(Op.REPORT, tok.position, 1, -1, tok.epoch))
@@ -254,7 +255,8 @@ class SPDSchedule(SpeculativeSchedule):
         return rows + [(newest.position, newest.token, 0)]
 
     def _embedding(self, token: int) -> Tensor:
-        return self.stage.model.embedding(torch.tensor([[token]]), None)[0, 0]  # [h]
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # [1, 1]
+        return self.stage.model.embedding(ids, None)[0, 0]  # [h]
 
     def _share_local_anchors(self, header: Header) -> None:
         """Stage 0's taps: into the co-located host, or to the dedicated draft rank."""
@@ -268,7 +270,8 @@ class SPDSchedule(SpeculativeSchedule):
     def _recv_verdict_material(self) -> tuple[Header, Optional[Tensor]]:
         last = self.link.last_rank
         header = self.link.recv_header(last)
-        logits = None if self.sampling.is_greedy else self.link.recv_tensor(last, (self.vocab_size,), torch.float32)
+        logits = None if self.sampling.is_greedy else \
+            self.link.recv_tensor(last, (self.vocab_size,), torch.float32).cpu()  # verified on the host
         if header.op == Op.VERDICT:
             self.verdicts_received += 1
         elif logits is None:
@@ -294,7 +297,8 @@ class SPDSchedule(SpeculativeSchedule):
     def _recv_proposal(self) -> DraftProposal:
         start = time.perf_counter()
         header = self.link.recv_header(self.draft_rank)
-        probs = None if self.sampling.is_greedy else self.link.recv_tensor(self.draft_rank, (self.vocab_size,), torch.float32)
+        probs = None if self.sampling.is_greedy else \
+            self.link.recv_tensor(self.draft_rank, (self.vocab_size,), torch.float32).cpu()
         self.stats.draft_seconds += time.perf_counter() - start  # waiting on the draft rank
         return DraftProposal(header.token, probs)
 

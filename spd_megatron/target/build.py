@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from spd_megatron.target.arch import ArchSpec
+from spd_megatron.target.fp8 import fp8_config_fields
 from spd_megatron.target.specs import build_layer_spec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -80,25 +81,29 @@ def to_transformer_config(arch: ArchSpec, placement: StagePlacement, dtype: str,
         params_dtype=torch_dtype,
         pipeline_dtype=torch_dtype,
         bf16=torch_dtype == torch.bfloat16,
-        fp8="hybrid" if fp8 else None,
+        **fp8_config_fields(fp8),
     )
 
 
 def build_stage_model(arch: ArchSpec, placement: StagePlacement, dtype: str, spec_name: str,
                       max_seq_len: int, fp8: bool = False, pre_process: bool | None = None,
-                      post_process: bool | None = None, initialize: bool = False, pg_collection=None):
+                      post_process: bool | None = None, initialize: bool = False, pg_collection=None,
+                      static_decode: bool = False):
     """Build this rank's GPTModel stage (embedding on the first, norm + output layer on the last).
 
     Embeddings are never shared with the output layer: the checkpoint always holds
     ``output_layer.weight`` (a copy when the HF model ties them), which avoids megatron's
-    cross-stage tied-weight all-reduce and its CUDA-only setup.
+    cross-stage tied-weight all-reduce and its CUDA-only setup. ``static_decode``: the attention
+    that CUDA-graph steps need (``target/cuda_graphs.py``). ``fp8`` (TE spec only): megatron's
+    TransformerBlock runs the layers under TE's ``fp8_autocast`` with ``target/fp8.py``'s recipe,
+    and the TE linears pad token rows to FP8's GEMM shapes.
     """
     from megatron.core.models.gpt import GPTModel
 
     config = to_transformer_config(arch, placement, dtype, fp8, initialize)
     model = GPTModel(
         config,
-        build_layer_spec(spec_name, arch.qk_layernorm),
+        build_layer_spec(spec_name, arch.qk_layernorm, static_decode),
         vocab_size=arch.vocab_size,
         max_sequence_length=max(max_seq_len, arch.max_position_embeddings),
         pre_process=placement.is_first if pre_process is None else pre_process,
@@ -111,6 +116,10 @@ def build_stage_model(arch: ArchSpec, placement: StagePlacement, dtype: str, spe
     if arch.rope_scaling is not None:
         apply_llama3_rope_scaling(model.rotary_pos_emb, arch)
     model.to(TORCH_DTYPES[dtype])  # RMSNorm weights are created fp32 even in bf16 mode
+    if fp8:
+        from spd_megatron.target.fp8 import pad_for_fp8
+
+        pad_for_fp8(model)
     return model.eval()
 
 

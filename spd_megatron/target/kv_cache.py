@@ -64,19 +64,20 @@ class StageKVCache:
         return keys[: self.length], values[: self.length]
 
 
-def causal_mask(start: int, count: int, sliding_window: Optional[int] = None) -> Optional[torch.Tensor]:
+def causal_mask(start: int, count: int, sliding_window: Optional[int] = None,
+                device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
     """Boolean mask (True = masked) for ``count`` queries at positions [start, start + count).
 
     Returns None when nothing needs masking (one query, no window), which keeps megatron on its
     fast path.
 
     Returns:
-        [1, 1, count, start + count] bool, or None.
+        [1, 1, count, start + count] bool on ``device`` (CPU by default), or None.
     """
     if count == 1 and (sliding_window is None or start + 1 <= sliding_window):
         return None
-    q_pos = torch.arange(start, start + count).unsqueeze(1)  # [count, 1]
-    k_pos = torch.arange(start + count).unsqueeze(0)  # [1, start + count]
+    q_pos = torch.arange(start, start + count, device=device).unsqueeze(1)  # [count, 1]
+    k_pos = torch.arange(start + count, device=device).unsqueeze(0)  # [1, start + count]
     masked = k_pos > q_pos
     if sliding_window is not None:
         masked |= k_pos <= q_pos - sliding_window

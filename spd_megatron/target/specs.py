@@ -40,13 +40,27 @@ def resolve_layer_spec_name(requested: str) -> str:
     return requested
 
 
-def build_layer_spec(name: str, qk_layernorm: bool):
-    """The decoder-layer ModuleSpec for a resolved spec name."""
+def build_layer_spec(name: str, qk_layernorm: bool, static_decode: bool = False):
+    """The decoder-layer ModuleSpec for a resolved spec name.
+
+    The TE spec's core attention is swapped for ``MaskAwareTEDotProductAttention`` (our explicit
+    masks must reach TE). ``static_decode`` swaps in the self-attention that CUDA graphs need
+    (``target/cuda_graphs.py``); it changes nothing until a graph step asks for it.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     if name == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+        from spd_megatron.target.te_attention import mask_aware_te_attention
+
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        spec.submodules.self_attention.submodules.core_attention = mask_aware_te_attention()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    if static_decode:
+        from spd_megatron.target.cuda_graphs import static_decode_spec
+
+        spec = static_decode_spec(spec)
+    return spec

@@ -22,17 +22,25 @@ class TargetStage:
     Anchor taps: ``set_taps(indices)`` records the residual stream ``h^k`` (k = layers done, 0 = the
     embedding, pre-final-norm) for the indices this stage produces, in ``self.taps`` after each
     forward. Nothing is recorded (and no hook exists) when no tap is asked for.
+
+    Devices: the model lives on ``device``. Inputs given on another device (token ids built on the
+    host, hidden states that came through a gloo link) are moved there first (a no-op on CPU);
+    outputs stay there. ``decode_graphs`` (``model.cuda_graphs``) replays one-token steps as CUDA
+    graphs; None runs every step eagerly.
     """
 
     def __init__(self, model: torch.nn.Module, arch: ArchSpec, placement: StagePlacement,
-                 max_seq_len: int) -> None:
+                 max_seq_len: int, device: Optional[torch.device] = None) -> None:
         self.model = model
         self.arch = arch
         self.placement = placement
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self.cache = StageKVCache(max_seq_len)
         self.taps: dict[int, Tensor] = {}
+        self.tap_indices: tuple[int, ...] = ()
         self._hooks: list = []
-        self._dummy_ids = torch.zeros(1, 1, dtype=torch.long)
+        self._dummy_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.decode_graphs = None  # a target.cuda_graphs.DecodeGraphs, or None (eager)
 
     @property
     def produced_indices(self) -> range:
@@ -45,7 +53,8 @@ class TargetStage:
         for hook in self._hooks:
             hook.remove()
         self._hooks, self.taps = [], {}
-        for k in sorted(set(indices) & set(self.produced_indices)):
+        self.tap_indices = tuple(sorted(set(indices) & set(self.produced_indices)))
+        for k in self.tap_indices:
             module = self._module_producing(k)
             self._hooks.append(module.register_forward_hook(self._recorder(k)))
 
@@ -71,13 +80,24 @@ class TargetStage:
             hidden: [n, 1, h] input hidden states (non-first stages only).
 
         Returns:
-            [n, 1, h] hidden states, or [1, n, V] logits on the last stage.
+            [n, 1, h] hidden states, or [1, n, V] logits on the last stage (on ``self.device``).
         """
         count = token_ids.shape[1] if self.placement.is_first else hidden.shape[0]
+        token_ids = None if token_ids is None else token_ids.to(self.device)
+        hidden = None if hidden is None else hidden.to(self.device)
+        if count == 1 and self.decode_graphs is not None:
+            out = self.decode_graphs.step(start, token_ids, hidden)
+            if out is not None:
+                return out
+        return self.eager_forward(start, count, token_ids, hidden)
+
+    def eager_forward(self, start: int, count: int, token_ids: Optional[Tensor],
+                      hidden: Optional[Tensor]) -> Tensor:
+        """``forward`` without CUDA graphs; inputs already on ``self.device``."""
         self.cache.prepare_write(start, count)
         if not self.placement.is_first:
             self.model.set_input_tensor(hidden)
-        mask = causal_mask(start, count, self.arch.sliding_window)
+        mask = causal_mask(start, count, self.arch.sliding_window, self.device)
         out = self.model(
             token_ids if self.placement.is_first else self._dummy_ids,
             None,
