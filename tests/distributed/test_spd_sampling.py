@@ -27,15 +27,25 @@ PROMPT = [257, 72, 101, 108, 108, 111, 258, 257]
 SAMPLES, NEW = 2400, 3
 
 
-def _sample_worker(rank, world_size, ckpt, out_file):
-    cfg = tiny_config(ckpt, sampling__temperature=1.0, sampling__top_k=3)
-    engine = build_engine(cfg, init_parallel(cfg.parallel))
-    first = engine.stage.placement.is_first
-    draft = RandomDraft(engine.arch.vocab_size, seed=9, scale=1.0) if first else None
-    spd = SPDSchedule(engine.stage, engine.schedule.link, PARAMS, seed=11, draft=draft)
-    outs = [tuple(spd.generate(PROMPT, NEW).output_ids) for _ in range(SAMPLES)]
-    if first:
-        torch.save({"outs": outs, "rollbacks": spd.stats.rollbacks}, out_file)
+def _sample_worker(rank, world_size, ckpt, out_file, placement):
+    cfg = tiny_config(ckpt, sampling__temperature=1.0, sampling__top_k=3, schedule__name="spd",
+                      draft__placement=placement)
+    engine = build_engine(cfg, init_parallel(cfg.parallel, extra_ranks=int(placement == "dedicated")))
+    poor = RandomDraft(260, seed=9, scale=1.0)
+    if placement == "dedicated":  # the engine's schedules (anchors agree); a poor draft on its rank
+        spd = engine.schedule
+        if engine.ctx.is_draft_rank:
+            spd.host.draft = poor
+    else:
+        draft = poor if engine.stage.placement.is_first else None
+        spd = SPDSchedule(engine.stage, engine.schedule.link, PARAMS, seed=11, draft=draft)
+    outs, rollbacks = [], 0
+    for _ in range(SAMPLES):
+        result = spd.generate(PROMPT, NEW)
+        outs.append(tuple(result.output_ids))
+        rollbacks += result.stats.rollbacks
+    if engine.stage is not None and engine.stage.placement.is_first:
+        torch.save({"outs": outs, "rollbacks": rollbacks}, out_file)
 
 
 def exact_joint(hf) -> dict[tuple, float]:
@@ -65,10 +75,11 @@ def chi_square_pvalue(counts: dict, law: dict, n: int) -> float:
 
 
 @pytest.mark.distributed
-def test_spd_sampling_matches_target_distribution(tiny_models, tmp_path):
+@pytest.mark.parametrize("placement", ["colocated", "dedicated"])
+def test_spd_sampling_matches_target_distribution(tiny_models, tmp_path, placement):
     hf_dir, ckpt = tiny_models["llama"]
     out = tmp_path / "samples.pt"
-    run_distributed(_sample_worker, 2, ckpt, str(out), timeout_s=400)
+    run_distributed(_sample_worker, 2 + (placement == "dedicated"), ckpt, str(out), placement, timeout_s=400)
     result = torch.load(out)
     outs = result["outs"]
     assert result["rollbacks"] > 0  # the poor draft was rejected: residual sampling ran
