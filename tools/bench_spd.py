@@ -88,6 +88,7 @@ def per_cycle(records_by_rank: list, name: str) -> dict:
     slowest_ms = 1000 * max(compute) / cycles
     return {"decode_tokens_per_s": tokens / seconds, "cycles": cycles, "tokens_per_cycle": tokens / cycles,
             "E": rank0[0]["pipeline_depth"] * tokens / cycles, "cycle_ms": cycle_ms,
+            "stage_ms": [1000 * c / cycles for c in compute],  # every rank's compute per cycle
             "slowest_stage_ms": slowest_ms, "overhead_ms": cycle_ms - slowest_ms,
             "draft_ms": 1000 * sum(s["draft_seconds"] for s in rank0) / cycles,
             "wait_ms": 1000 * sum(s["comm_wait_seconds"] for s in rank0) / cycles,
@@ -106,7 +107,8 @@ def run(args) -> dict:
             for name in [n for n, p in RUNS.items() if p == nproc]:
                 key = "ar" if name.startswith("ar") else name
                 samples[name].append(per_cycle(recs, key))
-    medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in samples.items()}
+    medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "stage_ms"}
+               for name, runs in samples.items()}
     base = medians["ar_pp1"]["decode_tokens_per_s"]
     for m in medians.values():
         m["speedup_vs_ar_pp1"] = m["decode_tokens_per_s"] / base
