@@ -30,11 +30,11 @@ from spd_megatron.convert.shard import check_tp_compatible, local_to_global_key,
 from spd_megatron.convert.te_names import checkpoint_key_for, is_extra_state, normalize_to_local
 from spd_megatron.errors import SPDError
 from spd_megatron.target.arch import ArchSpec
+from spd_megatron.target.build import TORCH_DTYPES
 
 RECORD = "spd_checkpoint.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def save_checkpoint(out_dir: str | Path, mc_sd: dict[str, torch.Tensor], arch: ArchSpec,

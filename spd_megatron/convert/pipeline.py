@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from tqdm.auto import tqdm
 
 from spd_megatron.convert.checkpoint import read_full_state_dict, read_record, save_checkpoint
@@ -66,7 +65,3 @@ def convert_checkpoint_to_hf(ckpt_dir: str | Path, out_dir: str | Path, overwrit
     hf_sd = mcore_to_hf(read_full_state_dict(ckpt_dir), arch)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
     return save_hf_folder(hf_sd, hf_config, tokenizer, out_dir, overwrite=overwrite)
-
-
-def checkpoint_dtype(dtype: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

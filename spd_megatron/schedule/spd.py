@@ -117,12 +117,13 @@ class SPDSchedule(SpeculativeSchedule):
             self.link.send_next(Header(Op.PREFILL, pos, count, state.prompt_len), out)
         shared = self._last_stage_shares_channel()
         for _ in range(0, state.prompt_len, chunk):  # the last stage sends verdict, then anchors
-            _, logits = self._recv_verdict_material()
+            header, logits = self._recv_verdict_material()
             if shared:
                 self.host.receive_one(self.n - 1)
         if self.host is not None:
             self.host.collect_prefill(state.prompt_len, frozenset({self.n - 1} if shared else ()))
-        self._start_controller(state, sample_token(logits, self.sampling, self.generator))
+        greedy = self.sampling.is_greedy  # greedy needs only the last stage's argmax
+        self._start_controller(state, header.token if greedy else sample_token(logits, self.sampling, self.generator))
 
     def propose(self, state: DecodeState):
         """Stage 0: the draft predicts the token after the one injected this cycle."""
@@ -163,8 +164,10 @@ class SPDSchedule(SpeculativeSchedule):
         start = time.perf_counter()
         draft = self.in_flight[0]
         self.pending = exiting.position
-        target = logits if logits is not None else _one_hot_logits(header.token, self.vocab_size)
-        accepted, token = verify(draft.token, draft.probs, target, self.sampling, self.generator)
+        if self.sampling.is_greedy:  # header.token is the target's argmax
+            accepted, token = draft.token == header.token, header.token
+        else:
+            accepted, token = verify(draft.token, draft.probs, logits, self.sampling, self.generator)
         self.stats.observe_verdict(accepted, draft.fill)
         self.stats.verify_seconds += time.perf_counter() - start
         return Verdict(accepted, draft.position, token, state.is_last_token(token))
@@ -274,8 +277,6 @@ class SPDSchedule(SpeculativeSchedule):
             self.link.recv_tensor(last, (self.vocab_size,), torch.float32).cpu()  # verified on the host
         if header.op == Op.VERDICT:
             self.verdicts_received += 1
-        elif logits is None:
-            logits = _one_hot_logits(header.token, self.vocab_size)  # prefill, greedy
         return header, logits
 
     # ---- dedicated draft rank: the controller's side --------------------------------------------
@@ -390,10 +391,3 @@ class DraftServer:
         tensors = [] if self.sampling.is_greedy else [proposal.probs]
         for rank in self.stage0_ranks:
             self.link.send_to(rank, reply, *tensors)
-
-
-def _one_hot_logits(token: int, vocab_size: int) -> Tensor:
-    """Greedy verification needs only the argmax: a one-hot stand-in for the logits."""
-    logits = torch.zeros(vocab_size)
-    logits[token] = 1.0
-    return logits

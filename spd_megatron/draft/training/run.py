@@ -124,7 +124,7 @@ def _train_loop(trainer: PDMTrainer, teacher: Teacher, train, held, cfg: SPDConf
     held_batches = [teacher.features(ex) for ex in held]
     history = resumed.get("history", [])
     tokens_seen, wall = resumed.get("tokens_seen", 0), resumed.get("wall_seconds", 0.0)
-    start, last_save = time.perf_counter() - wall, time.perf_counter()
+    start = time.perf_counter() - wall
     bar = tqdm(total=t.steps, initial=trainer.step, desc="train PDM", unit="step")
     while trainer.step < t.steps:
         example = train[order[trainer.step % len(order)]]

@@ -7,13 +7,9 @@ draft vocabulary at positions whose next token is an assistant token (docs/SPD.m
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +17,7 @@ from torch import Tensor
 
 from spd_megatron.draft.pdm import PipelineDraftModule, load_pdm_weights, save_pdm
 from spd_megatron.draft.training.data import Example
+from spd_megatron.draft.training.vocab import draft_index
 from spd_megatron.draft.training.mask import attention_mask, block_positions, block_types, depth_types
 
 
@@ -65,7 +62,7 @@ class PDMTrainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / max(total_steps, 1)))
         self.rng = random.Random(seed)
         self.step = 0
-        self.to_draft = _draft_index(module)
+        self.to_draft = draft_index(module.vocab_ids, module.arch.vocab_size)
 
     def draw_fill(self) -> int:
         """The fill trick: the steady staircase half the time, else a warm-up/refill state."""
@@ -143,9 +140,3 @@ class PDMTrainer:
         self.step, _ = state["step"], self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         return state
-
-
-def _draft_index(module: PipelineDraftModule) -> Tensor:
-    table = torch.full((module.arch.vocab_size,), -1, dtype=torch.long)
-    table[module.vocab_ids] = torch.arange(len(module.vocab_ids))
-    return table

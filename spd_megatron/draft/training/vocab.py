@@ -15,9 +15,14 @@ class DraftVocab:
 
     def to_draft(self, vocab_size: int) -> torch.Tensor:
         """target id -> draft index, -1 outside the vocabulary. [V]."""
-        table = torch.full((vocab_size,), -1, dtype=torch.long)
-        table[torch.tensor(self.token_ids)] = torch.arange(len(self.token_ids))
-        return table
+        return draft_index(torch.tensor(self.token_ids), vocab_size)
+
+
+def draft_index(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[V_d] target ids -> [V] table of draft indices, -1 outside the draft vocabulary."""
+    table = torch.full((vocab_size,), -1, dtype=torch.long)
+    table[token_ids] = torch.arange(len(token_ids))
+    return table
 
 
 def build_draft_vocab(examples, size: int, always: tuple[int, ...] = ()) -> DraftVocab:
