@@ -98,7 +98,15 @@ class TrainConfig:
     draft_vocab_size: int = 8192
     """Most frequent assistant tokens the head predicts (0 = full vocabulary)."""
     steps: int = 1000
-    """Optimizer steps (one conversation each)."""
+    """Optimizer steps (``accumulate`` conversations each)."""
+    accumulate: int = 1
+    """Conversations whose gradients are summed per optimizer step."""
+    regenerate: str = "none"
+    """Self-distillation: 'greedy' or 'sample' replaces each first assistant turn by the target's
+    own reply (Hugging Face generate, cached as out/self_distill_<mode>.jsonl); 'none' trains on
+    the data as is."""
+    regenerate_max_new_tokens: int = 256
+    regenerate_batch: int = 16
     lr: float = 5e-4
     warmup: int = 50
     eval_every: int = 100
@@ -227,6 +235,11 @@ def validate_config(cfg: SPDConfig) -> None:
         (cfg.draft.placement in ("colocated", "dedicated"),
          f"draft.placement={cfg.draft.placement} must be colocated or dedicated"),
         (cfg.draft.num_layers >= 1, "draft.num_layers must be >= 1"),
+        (cfg.train.accumulate >= 1, "train.accumulate must be >= 1"),
+        (cfg.train.regenerate in ("none", "greedy", "sample"),
+         f"train.regenerate={cfg.train.regenerate} must be none, greedy or sample"),
+        (cfg.train.regenerate_max_new_tokens >= 1 and cfg.train.regenerate_batch >= 1,
+         "train.regenerate_max_new_tokens and train.regenerate_batch must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

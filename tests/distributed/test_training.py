@@ -70,8 +70,11 @@ def _learn_worker(rank, world_size, ckpt):
     batch = teacher.features(encode(byte_tokenizer(), MESSAGES, 48))
     trainer = PDMTrainer(module, lr=3e-3, warmup=1, total_steps=40)
     before = trainer.evaluate([batch])["kl"]
-    for _ in range(25):
+    for _ in range(12):
         trainer.train_step(batch)
+    for _ in range(13):  # accumulated steps: two conversations per optimizer step
+        _, _, count = trainer.train_step([batch, batch])
+        assert count == 2 * int(trainer.valid(batch).sum()) > 0
     after = trainer.evaluate([batch])["kl"]
     assert after < 0.7 * before, (before, after)
 

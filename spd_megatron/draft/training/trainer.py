@@ -81,32 +81,44 @@ class PDMTrainer:
         hidden = decoder(hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)  # [m S, 1, h]
         return self.module.logits(hidden[-seq_len:, 0])  # the g_0 block is last
 
+    def valid(self, batch: Batch) -> Tensor:
+        """[S] bool: the next token is an assistant token and the teacher's argmax is in the draft vocab."""
+        return batch.targets & (self.to_draft[batch.logits.argmax(-1)] >= 0)
+
     def loss(self, batch: Batch, logits: Tensor) -> tuple[Tensor, float, int]:
         """KL(teacher || PDM) over the draft vocabulary at valid positions; top-1 agreement."""
-        teacher = batch.logits[:, self.module.vocab_ids]  # [S, V_d], renormalised by the softmax
-        in_vocab = self.to_draft[batch.logits.argmax(-1)] >= 0
-        valid = batch.targets & in_vocab
+        valid = self.valid(batch)
         count = int(valid.sum())
         if count == 0:
             return logits.sum() * 0.0, 0.0, 0
-        p_log = F.log_softmax(teacher[valid], dim=-1)
+        teacher = batch.logits[valid][:, self.module.vocab_ids]  # [N, V_d], renormalised by the softmax
+        p_log = F.log_softmax(teacher, dim=-1)
         q_log = F.log_softmax(logits[valid].float(), dim=-1)
         kl = F.kl_div(q_log, p_log, log_target=True, reduction="batchmean")
         agree = (q_log.argmax(-1) == p_log.argmax(-1)).float().mean().item()
         return kl, agree, count
 
-    def train_step(self, batch: Batch) -> tuple[float, float, int]:
+    def train_step(self, batches: Batch | list[Batch]) -> tuple[float, float, int]:
+        """One optimizer step over one or more conversations (token-weighted mean of their KL)."""
+        batches = [batches] if isinstance(batches, Batch) else batches
         self.module.train()
-        logits = self.forward(batch, self.draw_fill())
-        loss, agree, count = self.loss(batch, logits)
         self.optimizer.zero_grad(set_to_none=True)
-        if count:
-            loss.backward()
+        total = sum(int(self.valid(b).sum()) for b in batches)
+        loss_sum = agree_sum = 0.0
+        for batch in batches:
+            fill = self.draw_fill()
+            if total == 0:
+                continue
+            loss, agree, count = self.loss(batch, self.forward(batch, fill))
+            if count:
+                (loss * (count / total)).backward()
+                loss_sum, agree_sum = loss_sum + loss.item() * count, agree_sum + agree * count
+        if total:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
             self.optimizer.step()
         self.schedule.step()
         self.step += 1
-        return loss.item(), agree, count
+        return loss_sum / max(total, 1), agree_sum / max(total, 1), total
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> dict:

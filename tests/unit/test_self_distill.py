@@ -1,0 +1,56 @@
+"""Self-distillation data: batched left-padded replies equal one-by-one greedy decoding; resumable."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from spd_megatron.draft.training.regenerate import first_turn, load_hf_target, regenerate
+
+CONVERSATIONS = [
+    {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}]},
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count to five please"},
+                  {"role": "assistant", "content": "1 2 3 4 5"}, {"role": "user", "content": "again"},
+                  {"role": "assistant", "content": "1 2 3 4 5"}]},
+    {"messages": [{"role": "assistant", "content": "no user turn"}]},  # malformed: skipped
+    {"messages": [{"role": "user", "content": "a longer question about the weather today"},
+                  {"role": "assistant", "content": "sunny"}]},
+]
+
+
+def _greedy_alone(model, tokenizer, prompt, new_tokens):
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # [1, P]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_first_turn_keeps_system_and_first_user_message():
+    messages = CONVERSATIONS[1]["messages"]
+    assert first_turn(messages) == messages[:2]
+    assert first_turn([{"role": "assistant", "content": "x"}]) is None
+
+
+def test_batched_replies_equal_greedy_decoding_and_resume_appends(tiny_models, tmp_path):
+    hf_dir = tiny_models["llama"][0]
+    data = tmp_path / "conv.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    out = tmp_path / "self_distill.jsonl"
+    regenerate(str(data), out, hf_dir, limit=2, batch_size=2, max_prompt=200, max_new_tokens=6)
+    first = out.read_text().splitlines()
+    assert len(first) == 2
+    with out.open("a") as f:
+        f.write('{"messages": [')  # a torn record, as after a crash mid-write
+    regenerate(str(data), out, hf_dir, limit=3, batch_size=2, max_prompt=200, max_new_tokens=6)
+    lines = out.read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 3
+    model, tokenizer = load_hf_target(hf_dir)
+    questions = ["hi", "count to five please", "a longer question about the weather today"]
+    for line, question in zip(lines, questions):
+        messages = json.loads(line)["messages"]
+        assert [m["role"] for m in messages[-2:]] == ["user", "assistant"]
+        assert messages[-2]["content"] == question
+        assert messages[-1]["content"] == _greedy_alone(model, tokenizer, messages[:-1], 6)
