@@ -140,6 +140,40 @@ class ReportConfig:
     """Print the text on rank 0 as it is generated."""
 
 
+EVAL_BASELINES = ("ar_pp1", "ar_same_pp", "hf_generate", "hf_prompt_lookup")
+EVAL_RUNNERS = ("schedule", "hf_generate", "hf_prompt_lookup")
+
+
+@dataclass
+class EvalConfig:
+    """tools/eval.py: one configuration measured per process group, baselines as subprocesses."""
+
+    out: str = "runs/eval"
+    """Output folder: <name>.jsonl (one line per prompt) per configuration, summary.json, PNG plots."""
+    name: str = ""
+    """This configuration's name (its JSONL file). Empty: the schedule name (e.g. spd)."""
+    baselines: list[str] = field(default_factory=list)
+    """Measured in the same run on the same prompts, each in its own subprocess: ar_pp1
+    (autoregressive, one process), ar_same_pp (autoregressive, this TP x PP), hf_generate and
+    hf_prompt_lookup (Hugging Face generate on the same weights, one process)."""
+    runner: str = "schedule"
+    """What decodes in this process: schedule (ours, as configured), hf_generate or hf_prompt_lookup."""
+    threads: int = 0
+    """CPU threads of each one-process baseline (ar_pp1, hf_*). 0: the main run's total
+    (processes x threads per process), so every configuration gets the same cores."""
+    prompt_lookup_num_tokens: int = 10
+    """Candidate tokens per step of Hugging Face prompt-lookup decoding."""
+    prompt_lookup_max_ngram: int = 2
+    """Longest n-gram prompt lookup matches (Hugging Face's max_matching_ngram_size)."""
+    hf_dir: str = ""
+    """HF model folder of the hf_* baselines. Empty: the builtin model's, or model.checkpoint
+    converted back once into out/hf_model."""
+    timeout_s: float = 7200.0
+    """Longest run of one baseline subprocess (it is killed and reported after that)."""
+    is_worker: bool = False
+    """Set by tools/eval.py for its baseline subprocesses: measure this configuration only."""
+
+
 @dataclass
 class SPDConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,6 +183,7 @@ class SPDConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     prompt: str = ""
     """One user message (wrapped in the model's chat template)."""
     prompts_file: str = ""
@@ -232,6 +267,15 @@ def validate_config(cfg: SPDConfig) -> None:
         (cfg.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
         (cfg.prompts_limit >= 0, "prompts_limit must be >= 0"),
         (not (cfg.prompt and cfg.prompts_file), "give prompt= or prompts_file=, not both"),
+        (set(cfg.eval.baselines) <= set(EVAL_BASELINES),
+         f"eval.baselines={cfg.eval.baselines}: choose from {', '.join(EVAL_BASELINES)}"),
+        (cfg.eval.runner in EVAL_RUNNERS, f"eval.runner={cfg.eval.runner} must be one of {EVAL_RUNNERS}"),
+        ("/" not in cfg.eval.name and (cfg.eval.is_worker or cfg.eval.name not in EVAL_BASELINES),
+         f"eval.name={cfg.eval.name} must be a file stem other than a baseline name"),
+        (cfg.eval.threads >= 0 and cfg.eval.timeout_s > 0,
+         "eval.threads must be >= 0 and eval.timeout_s > 0"),
+        (cfg.eval.prompt_lookup_num_tokens >= 1 and cfg.eval.prompt_lookup_max_ngram >= 1,
+         "eval.prompt_lookup_num_tokens and eval.prompt_lookup_max_ngram must be >= 1"),
         (cfg.draft.placement in ("colocated", "dedicated"),
          f"draft.placement={cfg.draft.placement} must be colocated or dedicated"),
         (cfg.draft.num_layers >= 1, "draft.num_layers must be >= 1"),
