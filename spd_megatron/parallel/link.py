@@ -204,3 +204,12 @@ def gather_to_rank0(obj):
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (e.g. the prompts a resumed eval skips). One-off, never per cycle."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
