@@ -60,21 +60,24 @@ def run_decode(cfg: SPDConfig, ctx=None) -> Optional[list[dict]]:
     return records
 
 
-def main(argv: Optional[Sequence[str]] = None, config: str = "default") -> int:
-    """CLI: ``[--config NAME|PATH] [key=value ...]``. Exit 0, 2 (bad input) or 1 (bug)."""
+def main(argv: Optional[Sequence[str]] = None, config: str = "default", job=None, prog: str = "decode.py") -> int:
+    """CLI: ``[--config NAME|PATH] [key=value ...]``. Exit 0, 2 (bad input) or 1 (bug).
+
+    ``job(cfg)`` runs on every rank (default: run_decode); tools/eval.py passes its own.
+    """
     import argparse
 
     from spd_megatron.parallel.init import read_launch_env, shutdown_parallel
     from spd_megatron.parallel.link import report_failure
 
-    parser = argparse.ArgumentParser(prog="decode.py", description="Decode prompts (see README).")
+    parser = argparse.ArgumentParser(prog=prog, description="See README.md and spd_megatron/config.py.")
     parser.add_argument("--config", default=config, help="preset name (spd_megatron/configs) or YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = read_launch_env().rank
     try:
-        run_decode(load_config(args.config, args.overrides))
+        (job or run_decode)(load_config(args.config, args.overrides))
     except SPDError as err:
         report_failure(rank, str(err))
         print(f"error: {err}", file=sys.stderr, flush=True)
