@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from spd_megatron.eval.hf_generate import hf_generate, load_hf
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -128,45 +130,6 @@ def interleaved_order(configs, repeats: int) -> list[tuple[str, int]]:
 
 
 # ---- HF generate ------------------------------------------------------------------------------
-class TimingStreamer:
-    """A transformers streamer that timestamps the first new token and the end of generation."""
-
-    def __init__(self) -> None:
-        self.puts, self.t_first, self.t_end = 0, 0.0, 0.0
-
-    def put(self, value) -> None:
-        self.puts += 1
-        if self.puts == 2:  # the 1st put is the prompt, the 2nd the first new token
-            self.t_first = time.perf_counter()
-
-    def end(self) -> None:
-        self.t_end = time.perf_counter()
-
-
-def load_hf(hf_dir: str):
-    """The HF model (fp32, eval) from a local folder."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
-
-
-def hf_generate(model, ids: list[int], max_new_tokens: int) -> dict:
-    """Greedy ``generate`` of one prompt; per-prompt stats with our DecodeStats keys."""
-    import torch
-
-    input_ids = torch.tensor([ids], dtype=torch.long)  # [1, prompt_len]
-    streamer = TimingStreamer()
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             streamer=streamer, pad_token_id=model.generation_config.eos_token_id)
-    new_ids = out[0, len(ids):].tolist()
-    return {"prompt_tokens": len(ids), "new_tokens": len(new_ids), "prefill_seconds": streamer.t_first - t0,
-            "decode_seconds": streamer.t_end - streamer.t_first, "output_ids": new_ids}
-
-
 def run_hf(model, prompt_ids: list[list[int]], max_new_tokens: int, threads: int) -> list[dict]:
     import torch
 

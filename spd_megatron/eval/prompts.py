@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,26 +25,46 @@ def resolve_prompts_file(path: str) -> Path:
     raise SPDError(f"prompts_file {path} does not exist (builtin sets: {', '.join(sorted(BUILTIN_PROMPT_SETS))})")
 
 
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt of a set: its id (``question_id``, else the line number) and first user turn."""
+
+    id: str
+    text: str
+
+
 def read_prompts_file(path: str, limit: int = 0) -> list[str]:
     """First turns of an EAGLE-format jsonl (``{"question_id", "turns": [...]}`` per line).
 
     Raises:
         SPDError: missing file, or a malformed line (the line number is named).
     """
+    return [item.text for item in read_prompt_set(path, limit)]
+
+
+def read_prompt_set(path: str, limit: int = 0) -> list[PromptItem]:
+    """Like read_prompts_file, with each prompt's id (ids must be unique: eval resumes by id).
+
+    Raises:
+        SPDError: missing file, a malformed line, no prompts, or a repeated id.
+    """
     file = resolve_prompts_file(path)
-    prompts = []
+    items: dict[str, PromptItem] = {}
     for lineno, line in enumerate(file.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        prompts.append(_first_turn(line, path, lineno))
-        if limit and len(prompts) >= limit:
+        item = _parse_line(line, path, lineno)
+        if item.id in items:
+            raise SPDError(f"{path}:{lineno}: question_id {item.id} appears twice; ids must be unique")
+        items[item.id] = item
+        if limit and len(items) >= limit:
             break
-    if not prompts:
+    if not items:
         raise SPDError(f"prompts_file {path} has no prompts")
-    return prompts
+    return list(items.values())
 
 
-def _first_turn(line: str, path: str, lineno: int) -> str:
+def _parse_line(line: str, path: str, lineno: int) -> PromptItem:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -51,7 +72,7 @@ def _first_turn(line: str, path: str, lineno: int) -> str:
     turns = record.get("turns") if isinstance(record, dict) else None
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
         raise SPDError(f'{path}:{lineno}: expected {{"turns": ["first user message", ...]}}')
-    return turns[0]
+    return PromptItem(str(record.get("question_id", f"line{lineno}")), turns[0])
 
 
 def encode_prompt(tokenizer: Any, text: str, chat_template: bool = True,
