@@ -39,7 +39,7 @@ def read_prompts_file(path: str, limit: int = 0) -> list[str]:
     Raises:
         SPDError: missing file, or a malformed line (the line number is named).
     """
-    return [item.text for item in read_prompt_set(path, limit)]
+    return [item.text for item in _read_items(path, limit)]
 
 
 def read_prompt_set(path: str, limit: int = 0) -> list[PromptItem]:
@@ -48,20 +48,27 @@ def read_prompt_set(path: str, limit: int = 0) -> list[PromptItem]:
     Raises:
         SPDError: missing file, a malformed line, no prompts, or a repeated id.
     """
+    items = _read_items(path, limit)
+    seen = set()
+    for item in items:
+        if item.id in seen:
+            raise SPDError(f"{path}: question_id {item.id} appears twice; eval needs unique ids")
+        seen.add(item.id)
+    return items
+
+
+def _read_items(path: str, limit: int) -> list[PromptItem]:
     file = resolve_prompts_file(path)
-    items: dict[str, PromptItem] = {}
+    items = []
     for lineno, line in enumerate(file.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        item = _parse_line(line, path, lineno)
-        if item.id in items:
-            raise SPDError(f"{path}:{lineno}: question_id {item.id} appears twice; ids must be unique")
-        items[item.id] = item
+        items.append(_parse_line(line, path, lineno))
         if limit and len(items) >= limit:
             break
     if not items:
         raise SPDError(f"prompts_file {path} has no prompts")
-    return list(items.values())
+    return items
 
 
 def _parse_line(line: str, path: str, lineno: int) -> PromptItem:
