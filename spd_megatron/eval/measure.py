@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from spd_megatron.config import SPDConfig
+from spd_megatron.errors import SPDError
 from spd_megatron.eval.prompts import PromptItem, encode_prompt, read_prompt_set
 from spd_megatron.eval.records import ResultsFile, fingerprint, make_record
 
@@ -67,15 +68,11 @@ def run_schedule_eval(cfg: SPDConfig, ctx=None, make_schedule=None) -> Optional[
         The run info on rank 0, None on the other ranks.
     """
     from spd_megatron.engine import build_engine
-    from spd_megatron.parallel.link import broadcast_from_rank0
 
     items = read_prompt_set(cfg.prompts_file, cfg.prompts_limit)  # a bad file fails before model work
     engine = build_engine(cfg, ctx)
     ctx, name = engine.ctx, config_name(cfg)
-    results = ResultsFile(cfg.eval.out, name) if ctx.rank == 0 else None
-    if results is not None:
-        results.open(fingerprint(cfg), session_info(ctx.world_size, ctx.tp_size, ctx.pp_size))
-    done = broadcast_from_rank0(results.done_ids() if results else None)
+    results, done = open_results(cfg, ctx, name)
     todo = [item for item in items if item.id not in done]
     schedule = make_schedule(engine) if make_schedule else engine.schedule
     seed_state = schedule.generator.get_state()
@@ -93,6 +90,28 @@ def run_schedule_eval(cfg: SPDConfig, ctx=None, make_schedule=None) -> Optional[
     import torch
 
     return RunInfo(name, ctx.world_size, ctx.tp_size, ctx.pp_size, torch.get_num_threads(), len(todo))
+
+
+def open_results(cfg: SPDConfig, ctx, name: str) -> tuple[Optional[ResultsFile], set]:
+    """Rank 0 opens the JSONL; every rank learns the finished prompt ids, or rank 0's error.
+
+    Raises:
+        SPDError: on every rank, when rank 0 cannot resume the file (another setup, no access).
+    """
+    from spd_megatron.parallel.link import broadcast_from_rank0
+
+    results, state = None, None
+    if ctx.rank == 0:
+        results = ResultsFile(cfg.eval.out, name)
+        try:
+            results.open(fingerprint(cfg), session_info(ctx.world_size, ctx.tp_size, ctx.pp_size))
+            state = {"done": results.done_ids()}
+        except (SPDError, OSError) as err:
+            state = {"error": str(err)}
+    state = broadcast_from_rank0(state)
+    if "error" in state:
+        raise SPDError(state["error"])
+    return results, state["done"]
 
 
 def run_hf_eval(cfg: SPDConfig) -> RunInfo:
@@ -163,6 +182,10 @@ def hf_dir(cfg: SPDConfig, ckpt) -> str:
 
 def measure(cfg: SPDConfig, ctx=None) -> Optional[RunInfo]:
     """Run the configured runner; the run info on rank 0 (None elsewhere)."""
+    from spd_megatron.parallel.init import read_launch_env
+
     if cfg.eval.runner == "schedule":
         return run_schedule_eval(cfg, ctx)
+    if read_launch_env().world_size != 1:
+        raise SPDError(f"eval.runner={cfg.eval.runner} runs in one process; launch it with plain python")
     return run_hf_eval(cfg)

@@ -171,6 +171,17 @@ def write_summary(cfg: SPDConfig, info: RunInfo, errors: dict[str, str]) -> dict
     return summary
 
 
+def release_device_memory() -> None:
+    """Give the main run's cached GPU memory back before the baselines load their models."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_eval(cfg: SPDConfig, ctx=None) -> Optional[dict]:
     """The job of tools/eval.py on every rank; the summary on rank 0 of a main run, else None.
 
@@ -183,6 +194,7 @@ def run_eval(cfg: SPDConfig, ctx=None) -> Optional[dict]:
     if info is None or cfg.eval.is_worker:
         return None
     shutdown_parallel()  # the other ranks are done; the baselines get the machine to themselves
+    release_device_memory()
     errors = run_baselines(cfg, info) if cfg.eval.baselines else {}
     summary = write_summary(cfg, info, errors)
     if errors:

@@ -1,5 +1,6 @@
 """tools/eval.py's measurement on 2 gloo ranks with scripted drafts: known accepts and rejects give
-known alpha, tokens per cycle and E in the JSONL; a rerun decodes only the prompts not yet in it."""
+known alpha, tokens per cycle and E in the JSONL; a rerun decodes only the prompts not yet in it,
+and a rerun with another setup in the same folder fails on every rank."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from helpers import tiny_config
 from multiproc import run_distributed
 
 from spd_megatron.draft import AdversarialDraft, Draft, OracleDraft
+from spd_megatron.errors import SPDError
 from spd_megatron.eval.measure import run_schedule_eval
 from spd_megatron.eval.prompts import encode_prompt, read_prompt_set
 from spd_megatron.eval.records import RECORD_KEYS, ResultsFile
@@ -89,6 +91,9 @@ def _worker(rank, world_size, ckpt, prompts, out):
         cfg.prompts_limit = limit
         run_schedule_eval(cfg, ctx, scripted(cfg, True, calls))
     assert [c.calls for c in calls] == [3, 2, 0]
+    cfg.max_new_tokens = NEW - 1  # another setup in the same folder: refused on every rank, no hang
+    with pytest.raises(SPDError, match=f"measured with max_new_tokens={NEW}, this run has {NEW - 1}"):
+        run_schedule_eval(cfg, ctx, scripted(cfg, True, calls))
     if rank == 0:
         records = ResultsFile(cfg.eval.out, "spd").read()
         assert [r["id"] for r in records] == ["p1", "p2", "p3"]
