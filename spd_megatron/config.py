@@ -111,6 +111,9 @@ class TrainConfig:
     warmup: int = 50
     eval_every: int = 100
     save_every: int = 50
+    snapshot_every: int = 0
+    """Also keep a deployable copy out/snapshots/step_<N> every this many steps (0 = off), e.g. for
+    an acceptance-vs-training-tokens curve (tools/alpha_curve.py)."""
     time_budget_min: float = 0.0
     """Stop (and save) after this many minutes (0 = no limit)."""
     out: str = "runs/pdm"

@@ -150,6 +150,8 @@ def _train_loop(trainer: PDMTrainer, teacher: Teacher, train, held, cfg: SPDConf
             history.append({"step": trainer.step, "tokens_seen": tokens_seen, "wall_seconds": elapsed,
                             **trainer.evaluate(held_batches)})
             bar.write(f"step {trainer.step}: held-out {history[-1]}")
+        if t.snapshot_every and trainer.step % t.snapshot_every == 0:
+            _snapshot(trainer, out / "snapshots" / f"step_{trainer.step}", tokens_seen, elapsed)
         out_of_time = t.time_budget_min and elapsed > 60 * t.time_budget_min
         if trainer.step % t.save_every == 0 or out_of_time:
             trainer.save(out / "latest", {"history": history, "tokens_seen": tokens_seen, "wall_seconds": elapsed})
@@ -162,6 +164,12 @@ def _train_loop(trainer: PDMTrainer, teacher: Teacher, train, held, cfg: SPDConf
                         "wall_seconds": time.perf_counter() - start, **trainer.evaluate(held_batches)})
     return {"steps": trainer.step, "tokens_seen": tokens_seen, "wall_seconds": time.perf_counter() - start,
             "history": history}
+
+
+def _snapshot(trainer: PDMTrainer, folder: Path, tokens_seen: int, elapsed: float) -> None:
+    save_pdm(trainer.module, folder, dtype="bfloat16")
+    record = {"step": trainer.step, "tokens_seen": tokens_seen, "wall_seconds": elapsed}
+    (folder / "training.json").write_text(json.dumps(record))
 
 
 def _train_config_dict(cfg: SPDConfig, split) -> dict:
