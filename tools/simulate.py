@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The SPD cycle-time model: check it against a measured run, then predict other n and alpha.
 
-    python tools/simulate.py [--bench runs/bench_spd/bench_spd.json] [--out runs/simulate]
+    python tools/simulate.py [--bench runs/bench_spd/bench_spd.json] [--eval runs/eval/X/summary.json]
+                             [--out runs/simulate]
 
 1. Validation: from the measured oracle run (tools/bench_spd.py) take the slowest stage's compute,
    the draft and verification times and the p2p hop, predict cycle time and E, and print how far
@@ -26,6 +27,7 @@ from spd_megatron.eval.cycle_model import (
     equivalent_accept_length,
     speedup,
     split_costs,
+    tokens_per_cycle,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +47,29 @@ def validate(bench: dict, hop_ms: float) -> dict:
     return {"predicted_cycle_ms": predicted_cycle, "measured_cycle_ms": measured_cycle,
             "cycle_error": measured_cycle / predicted_cycle - 1, "predicted_E": predicted_e,
             "measured_E": measured_e, "E_error": measured_e / predicted_e - 1}
+
+
+def validate_eval(summary: dict, hop_ms: float) -> dict:
+    """Predicted vs measured E, cycle time and tokens/s of a tools/eval.py run with a real draft.
+
+    The model gets the run's measured alpha and stage 0's measured per-cycle phases (stage compute,
+    PDM, verification; an even split is assumed for the other stages) and predicts E with i.i.d.
+    acceptance and the cycle time; ``other`` is what the model leaves out (Python, bookkeeping).
+    """
+    run = summary["configs"][summary["main"]]
+    tpc, alpha = run["tokens_per_cycle"]["pooled"], run["alpha"]["pooled"]
+    n = round(run["E"]["pooled"] / tpc)
+    per_cycle = {k: v * tpc for k, v in run["phase_ms_per_token"].items()}  # ms per cycle
+    costs = CycleCosts(tuple([per_cycle["stage_compute"]] * n), draft_ms=per_cycle["draft"],
+                       verify_ms=per_cycle["verify"], hop_ms=hop_ms)
+    predicted_e, predicted_cycle = equivalent_accept_length(alpha, n), cycle_ms(costs)
+    predicted_tps = 1000.0 * tokens_per_cycle(alpha, n) / predicted_cycle
+    measured_tps = run["decode_tokens_per_s"]["pooled"]
+    return {"stages": n, "alpha": alpha, "predicted_E": predicted_e, "measured_E": run["E"]["pooled"],
+            "E_error": run["E"]["pooled"] / predicted_e - 1, "predicted_cycle_ms": predicted_cycle,
+            "measured_cycle_ms": per_cycle["decode"], "cycle_error": per_cycle["decode"] / predicted_cycle - 1,
+            "phases_ms_per_cycle": per_cycle, "predicted_tokens_per_s": predicted_tps,
+            "measured_tokens_per_s": measured_tps}
 
 
 def predict(bench: dict, hop_ms: float) -> dict:
@@ -85,9 +110,13 @@ def main(argv=None) -> int:
     p.add_argument("--bench", default=str(REPO / "runs" / "bench_spd" / "bench_spd.json"))
     p.add_argument("--hop-ms", type=float, default=0.23, help="one-way p2p latency (docs/benchmarks.md)")
     p.add_argument("--out", default=str(REPO / "runs" / "simulate"))
+    p.add_argument("--eval", default="", help="also check the model on a tools/eval.py summary.json")
     args = p.parse_args(argv)
     bench = json.loads(Path(args.bench).read_text())
     result = {"validation": validate(bench, args.hop_ms), "stages": STAGES, "prediction": predict(bench, args.hop_ms)}
+    if args.eval:
+        result["eval_validation"] = validate_eval(json.loads(Path(args.eval).read_text()), args.hop_ms)
+        print(json.dumps(result["eval_validation"], indent=2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulate.json").write_text(json.dumps(result, indent=2))
