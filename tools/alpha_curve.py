@@ -2,7 +2,7 @@
 """Acceptance of PDM checkpoints through the decode path: the alpha-vs-training-tokens curve.
 
     python tools/alpha_curve.py RUN_DIR [RUN_DIR ...] [--sets mt_bench humaneval] [--prompts 4]
-                                [--new-tokens 128] [--out runs/alpha_curve]
+                                [--new-tokens 128] [--only final] [--out runs/alpha_curve]
 
 Each RUN_DIR is a tools/train_draft.py output folder (train.out): its snapshots/step_*/ (saved with
 train.snapshot_every) and final/ are decoded greedily with ``examples/decode.py
@@ -80,10 +80,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--timeout-s", type=float, default=1800)
+    parser.add_argument("--only", nargs="+", default=[], help="checkpoint names to evaluate (e.g. final)")
     parser.add_argument("--out", type=Path, default=Path("runs/alpha_curve"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(run, ckpt, s) for run in args.runs for ckpt in checkpoints(run) for s in args.sets]
+    jobs = [(run, ckpt, s) for run in args.runs for ckpt in checkpoints(run) for s in args.sets
+            if not args.only or ckpt.name in args.only]
     if not jobs:
         print("error: no checkpoints found (train with train.snapshot_every=N, or pass a train.out folder)",
               file=sys.stderr)

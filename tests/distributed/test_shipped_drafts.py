@@ -1,0 +1,57 @@
+"""The drafts shipped for the builtin model: picked automatically, small, complete, loadable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from multiproc import run_distributed
+from safetensors import safe_open
+
+from spd_megatron.config import ParallelConfig, load_config
+from spd_megatron.draft.pdm import PDM_WEIGHTS, PipelineDraftModule, load_pdm_weights, read_pdm_config
+from spd_megatron.engine import SHIPPED_DRAFTS, draft_path
+from spd_megatron.parallel.layout import split_layers
+from spd_megatron.target.arch import ArchSpec
+
+BUILTIN = "smollm2-135m-instruct"
+STAGES = (2, 4)
+
+
+@pytest.mark.parametrize("n", STAGES)
+def test_a_draft_ships_for_the_default_split_and_is_picked(n):
+    folder = SHIPPED_DRAFTS / BUILTIN / f"n{n}"
+    cfg = read_pdm_config(folder)
+    split = split_layers(30, n, [])
+    assert cfg.split == split
+    assert draft_path(load_config("default", []), split) == str(folder)
+    other = [split[0] + 1, split[1] - 1, *split[2:]]
+    assert draft_path(load_config("default", []), other) == ""  # another layout: not this draft
+    assert draft_path(load_config("default", ["draft.path=/x"]), split) == "/x"  # explicit path wins
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("n", STAGES)
+def test_shipped_draft_is_small_documented_and_loads(n):
+    folder = SHIPPED_DRAFTS / BUILTIN / f"n{n}"
+    assert (folder / PDM_WEIGHTS).stat().st_size <= 25_000_000
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "tools/train_draft.py" in card and "agreement" in card
+    record = json.loads((folder / "training.json").read_text())
+    assert record["tokens_seen"] > 0 and record["history"]
+    run_distributed(_load_worker, 1, str(folder), timeout_s=120)
+
+
+def _load_worker(rank, world_size, folder):
+    from spd_megatron.parallel.init import init_parallel
+
+    init_parallel(ParallelConfig())
+    cfg = read_pdm_config(folder)
+    module = PipelineDraftModule(cfg, ArchSpec.from_dict(cfg.target), max_seq_len=64)
+    with torch.no_grad():
+        load_pdm_weights(module, folder)
+    with safe_open(f"{folder}/{PDM_WEIGHTS}", framework="pt") as f:
+        head = f.get_tensor("head.weight")
+    assert torch.equal(module.head.weight, head.float())
+    assert module.head.weight.abs().sum() > 0
