@@ -41,6 +41,7 @@ class DraftHost:
         self.tokens = list(prompt)
         self.features: dict[int, dict[int, Tensor]] = {}
         self.epoch, self.injected = 0, 0
+        self.draft_seconds = 0.0  # per sequence, like every other timer
         self.cut: dict[int, int] = {}  # ended epoch -> its reject position (earlier rows stay valid)
         self.reports_from = {s: 0 for s in self.remote}
 

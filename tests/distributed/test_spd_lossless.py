@@ -41,8 +41,12 @@ def _worker(rank, world_size, ckpt, tp, split, kinds):
             spd = SPDSchedule(engine.stage, engine.schedule.link, engine.schedule.sampling, draft=draft)
         spd.prefill_chunk_size = 4
         got = spd.generate(prompt, NEW)
+        again = [spd.generate(prompt, NEW) for _ in range(2)] if kind == "pdm" else []
         if not engine.stage.placement.is_first:
             continue
+        for repeat in again:  # timers are per sequence: the draft's share never exceeds the decode time
+            assert repeat.output_ids == ref.output_ids
+            assert 0 < repeat.stats.draft_seconds <= repeat.stats.decode_seconds
         assert got.output_ids == ref.output_ids, (kind, got.output_ids, ref.output_ids)
         s = got.stats
         assert s.verified == NEW - 1 == s.accepted + s.rollbacks  # every decode token had a verdict
