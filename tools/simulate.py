@@ -84,7 +84,7 @@ def predict(bench: dict, hop_ms: float) -> dict:
     return out
 
 
-def plot(pred: dict, bench: dict, path: Path) -> None:
+def plot(pred: dict, bench: dict, path: Path, eval_summary: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,6 +99,11 @@ def plot(pred: dict, bench: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     measured = bench["medians"]["spd_oracle"]["speedup_vs_ar_pp1"]
     axes[0].plot([2], [measured], "k*", markersize=12, label="measured, oracle draft (alpha = 1)")
+    if eval_summary and "ar_pp1" in eval_summary.get("speedup", {}):
+        run = eval_summary["configs"][eval_summary["main"]]
+        n = round(run["E"]["pooled"] / run["tokens_per_cycle"]["pooled"])
+        axes[0].plot([n], [eval_summary["speedup"]["ar_pp1"]["decode"]], "rX", markersize=10,
+                     label=f"measured, trained draft (alpha = {run['alpha']['pooled']:.2f})")
     axes[0].set_ylabel("speedup over autoregressive, 1 device")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -114,13 +119,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     bench = json.loads(Path(args.bench).read_text())
     result = {"validation": validate(bench, args.hop_ms), "stages": STAGES, "prediction": predict(bench, args.hop_ms)}
-    if args.eval:
-        result["eval_validation"] = validate_eval(json.loads(Path(args.eval).read_text()), args.hop_ms)
+    eval_summary = json.loads(Path(args.eval).read_text()) if args.eval else None
+    if eval_summary:
+        result["eval_validation"] = validate_eval(eval_summary, args.hop_ms)
         print(json.dumps(result["eval_validation"], indent=2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulate.json").write_text(json.dumps(result, indent=2))
-    plot(result["prediction"], bench, out / "speedup_vs_stages.png")
+    plot(result["prediction"], bench, out / "speedup_vs_stages.png", eval_summary)
     print(json.dumps(result["validation"], indent=2))
     for key in ("cpu", "ideal"):
         for a, ys in result["prediction"][key].items():
