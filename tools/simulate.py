@@ -75,12 +75,14 @@ def validate_eval(summary: dict, hop_ms: float) -> dict:
 def predict(bench: dict, hop_ms: float) -> dict:
     ar_ms = 1000 / bench["medians"]["ar_pp1"]["decode_tokens_per_s"]
     stage2 = bench["medians"]["spd_oracle"]["slowest_stage_ms"]
-    out = {"cpu": {}, "ideal": {}}
+    out = {"cpu": {}, "ideal": {}, "ideal_dedicated": {}}
     for a in ALPHAS:
         out["cpu"][a] = [speedup(CycleCosts(tuple([stage2 * 2 / n] * n), verify_ms=0.1, hop_ms=hop_ms,
                                             workers=2), a, ar_ms) for n in STAGES]
         out["ideal"][a] = [speedup(split_costs(100.0, n, draft_ms=5.0, verify_ms=0.2, hop_ms=0.02), a, 100.0)
                            for n in STAGES]
+        out["ideal_dedicated"][a] = [speedup(split_costs(100.0, n, draft_ms=5.0, verify_ms=0.2, hop_ms=0.02,
+                                                         placement="dedicated"), a, 100.0) for n in STAGES]
     return out
 
 
@@ -128,9 +130,9 @@ def main(argv=None) -> int:
     (out / "simulate.json").write_text(json.dumps(result, indent=2))
     plot(result["prediction"], bench, out / "speedup_vs_stages.png", eval_summary)
     print(json.dumps(result["validation"], indent=2))
-    for key in ("cpu", "ideal"):
+    for key in ("cpu", "ideal", "ideal_dedicated"):
         for a, ys in result["prediction"][key].items():
-            print(f"{key:5s} alpha={a}: " + "  ".join(f"n={n}:{y:.2f}x" for n, y in zip(STAGES, ys)))
+            print(f"{key:15s} alpha={a}: " + "  ".join(f"n={n}:{y:.2f}x" for n, y in zip(STAGES, ys)))
     print(f"wrote {out / 'simulate.json'} and speedup_vs_stages.png")
     return 0
 
