@@ -65,3 +65,16 @@ def convert_checkpoint_to_hf(ckpt_dir: str | Path, out_dir: str | Path, overwrit
     hf_sd = mcore_to_hf(read_full_state_dict(ckpt_dir), arch)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
     return save_hf_folder(hf_sd, hf_config, tokenizer, out_dir, overwrite=overwrite)
+
+
+def hf_folder(model_cfg: Any, ckpt: str | Path, export_dir: str | Path) -> Path:
+    """The target as a Hugging Face folder: the builtin model's, or ``ckpt`` exported once into
+    ``export_dir`` (for HF baselines and self-distillation on the same weights)."""
+    if not model_cfg.checkpoint:
+        from spd_megatron.convert.builtin import builtin_hf_folder
+
+        return builtin_hf_folder(model_cfg.builtin, model_cfg.cache_dir)
+    export_dir = Path(export_dir)
+    if not (export_dir / "config.json").is_file():
+        convert_checkpoint_to_hf(ckpt, export_dir, overwrite=True)
+    return export_dir

@@ -166,18 +166,11 @@ def hf_dir(cfg: SPDConfig, ckpt) -> str:
     """eval.hf_dir, else the builtin model's HF folder, else the checkpoint converted back once."""
     if cfg.eval.hf_dir:
         return cfg.eval.hf_dir
-    if not cfg.model.checkpoint:
-        from spd_megatron.convert.builtin import builtin_hf_folder
-
-        return str(builtin_hf_folder(cfg.model.builtin, cfg.model.cache_dir))
     from pathlib import Path
 
-    from spd_megatron.convert.pipeline import convert_checkpoint_to_hf
+    from spd_megatron.convert.pipeline import hf_folder
 
-    out = Path(cfg.eval.out) / "hf_model"
-    if not (out / "config.json").is_file():
-        convert_checkpoint_to_hf(ckpt, out, overwrite=True)
-    return str(out)
+    return str(hf_folder(cfg.model, ckpt, Path(cfg.eval.out) / "hf_model"))
 
 
 def measure(cfg: SPDConfig, ctx=None) -> Optional[RunInfo]:

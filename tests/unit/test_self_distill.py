@@ -54,3 +54,18 @@ def test_batched_replies_equal_greedy_decoding_and_resume_appends(tiny_models, t
         assert [m["role"] for m in messages[-2:]] == ["user", "assistant"]
         assert messages[-2]["content"] == question
         assert messages[-1]["content"] == _greedy_alone(model, tokenizer, messages[:-1], 6)
+
+
+def test_hf_folder_exports_a_checkpoint_once(tiny_models, tmp_path):
+    from types import SimpleNamespace
+
+    from spd_megatron.convert.pipeline import hf_folder
+
+    model_cfg = SimpleNamespace(checkpoint=str(tiny_models["llama"][1]), builtin="", cache_dir="")
+    folder = hf_folder(model_cfg, tiny_models["llama"][1], tmp_path / "hf")
+    assert folder == tmp_path / "hf" and (folder / "config.json").is_file()
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert hf_folder(model_cfg, tiny_models["llama"][1], folder) == folder
+    assert (folder / "config.json").stat().st_mtime_ns == stamp  # reused, not exported again
+    model, tokenizer = load_hf_target(folder)
+    assert tokenizer.padding_side == "left" and model.config.num_hidden_layers > 0

@@ -125,12 +125,12 @@ def encode(tokenizer: Any, messages: list[dict], max_len: int) -> Optional[Examp
     mask: list[bool] = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            head = _render(tokenizer, messages[:i], generation_prompt=True)
+            head = render(tokenizer, messages[:i], generation_prompt=True)
             if head[: len(ids)] != ids:
                 return None
             mask += [False] * (len(head) - len(ids))
             ids = head
-        full = _render(tokenizer, messages[: i + 1])
+        full = render(tokenizer, messages[: i + 1])
         if full[: len(ids)] != ids:
             return None
         mask += [message["role"] == "assistant"] * (len(full) - len(ids))
@@ -140,7 +140,8 @@ def encode(tokenizer: Any, messages: list[dict], max_len: int) -> Optional[Examp
     return Example(ids[:max_len], mask[:max_len])
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+def render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    """Chat-template token ids of ``messages`` (plus the assistant header with generation_prompt)."""
     if not messages:
         return []
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)

@@ -12,14 +12,11 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
-from spd_megatron.draft.training.data import DataStats, iter_records, to_messages
-from spd_megatron.errors import SPDError
-
-MODES = ("greedy", "sample")
+from spd_megatron.draft.training.data import iter_records, render, to_messages
 
 
 def first_turn(messages: list[dict]) -> Optional[list[dict]]:
@@ -32,34 +29,27 @@ def first_turn(messages: list[dict]) -> Optional[list[dict]]:
     return None
 
 
-def iter_prompts(source: str, limit: int, stats: DataStats) -> Iterator[list[dict]]:
-    """First-turn prompts of up to ``limit`` usable conversations (0 = all)."""
-    count = 0
+def iter_prompts(source: str) -> Iterator[list[dict]]:
+    """First-turn prompts of the usable conversations (malformed records are skipped)."""
     for record in iter_records(source):
-        stats.records += 1
         messages = to_messages(record)
         prompt = first_turn(messages) if messages else None
-        if prompt is None:
-            stats.skip("malformed or no user turn")
-            continue
-        yield prompt
-        count += 1
-        if limit and count >= limit:
-            return
+        if prompt is not None:
+            yield prompt
 
 
-def load_hf_target(hf_dir: Path, threads: int = 0):
-    """The target as a Hugging Face model (fp32, eval) and its tokenizer, left padding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_hf_target(hf_dir: Path):
+    """The target as a Hugging Face model (fp32, eval, on the GPU if there is one) and its
+    tokenizer with left padding."""
+    from transformers import AutoTokenizer
 
-    if threads:
-        torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True)
+    from spd_megatron.eval.hf_generate import load_hf
+
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return load_hf(str(hf_dir)), tokenizer
 
 
 @torch.no_grad()
@@ -68,6 +58,7 @@ def answer_batch(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
     """The target's replies to a batch of chat prompts."""
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)  # [B, P]
+    enc = enc.to(model.device)
     torch.manual_seed(seed)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=mode == "sample",
                          temperature=1.0 if mode == "sample" else None, top_p=None, top_k=None,
@@ -79,14 +70,13 @@ def answer_batch(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
 def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str = "greedy",
                batch_size: int = 16, max_prompt: int = 256, max_new_tokens: int = 256,
                seed: int = 0) -> Path:
-    """Write (or complete) ``out_file``: one ``{"messages": [...]}`` record per prompt."""
+    """Write (or complete) ``out_file``: one ``{"messages": [...]}`` record per prompt of at most
+    ``max_prompt`` tokens, up to ``limit`` of them (0 = all)."""
     from tqdm.auto import tqdm
 
-    if mode not in MODES:
-        raise SPDError(f"train.regenerate={mode} is not one of none, {', '.join(MODES)}")
     model, tokenizer = load_hf_target(hf_dir)
     done = _count_lines(out_file)
-    fits = (p for p in iter_prompts(source, 0, DataStats()) if _prompt_len(tokenizer, p) <= max_prompt)
+    fits = (p for p in iter_prompts(source) if len(render(tokenizer, p, generation_prompt=True)) <= max_prompt)
     prompts = list(itertools.islice(fits, limit or None))
     todo = prompts[done:]
     bar = tqdm(total=len(prompts), initial=done, desc=f"self-distill ({mode})", unit="conv")
@@ -100,25 +90,6 @@ def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str 
             bar.update(len(batch))
     bar.close()
     return out_file
-
-
-def target_hf_folder(cfg: Any, ckpt: Path, out: Path) -> Path:
-    """An HF folder of the target: the builtin model's, or exported from the checkpoint once."""
-    if not cfg.model.checkpoint:
-        from spd_megatron.convert.builtin import builtin_hf_folder
-
-        return builtin_hf_folder(cfg.model.builtin, cfg.model.cache_dir)
-    folder = out / "target_hf"
-    if not (folder / "config.json").is_file():
-        from spd_megatron.convert.pipeline import convert_checkpoint_to_hf
-
-        convert_checkpoint_to_hf(ckpt, folder, overwrite=True)
-    return folder
-
-
-def _prompt_len(tokenizer, prompt: list[dict]) -> int:
-    out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    return len(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 def _count_lines(path: Path) -> int:

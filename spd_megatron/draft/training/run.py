@@ -74,11 +74,13 @@ def train_draft(cfg: SPDConfig) -> Path:
 
 def self_distill_data(cfg: SPDConfig, ckpt: Path, out: Path) -> Path:
     """The training prompts answered by the target itself (cached and resumable in ``out``)."""
-    from spd_megatron.draft.training.regenerate import regenerate, target_hf_folder
+    from spd_megatron.convert.pipeline import hf_folder
+    from spd_megatron.draft.training.regenerate import regenerate
 
     t = cfg.train
-    return regenerate(t.data, out / f"self_distill_{t.regenerate}.jsonl", target_hf_folder(cfg, ckpt, out),
-                      t.limit, t.regenerate, t.regenerate_batch, max_prompt=t.max_len // 2,
+    hf_dir = hf_folder(cfg.model, ckpt, out / "target_hf")
+    return regenerate(t.data, out / f"self_distill_{t.regenerate}.jsonl", hf_dir, t.limit, t.regenerate,
+                      t.regenerate_batch, max_prompt=t.max_len // 2,
                       max_new_tokens=t.regenerate_max_new_tokens, seed=t.seed)
 
 
