@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +86,9 @@ class PDMTrainer:
         """[S] bool: the next token is an assistant token and the teacher's argmax is in the draft vocab."""
         return batch.targets & (self.to_draft[batch.logits.argmax(-1)] >= 0)
 
-    def loss(self, batch: Batch, logits: Tensor) -> tuple[Tensor, float, int]:
+    def loss(self, batch: Batch, logits: Tensor, valid: Optional[Tensor] = None) -> tuple[Tensor, float, int]:
         """KL(teacher || PDM) over the draft vocabulary at valid positions; top-1 agreement."""
-        valid = self.valid(batch)
+        valid = self.valid(batch) if valid is None else valid
         count = int(valid.sum())
         if count == 0:
             return logits.sum() * 0.0, 0.0, 0
@@ -103,13 +104,14 @@ class PDMTrainer:
         batches = [batches] if isinstance(batches, Batch) else batches
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = sum(int(self.valid(b).sum()) for b in batches)
+        valids = [self.valid(b) for b in batches]  # [S] bool each
+        total = sum(int(v.sum()) for v in valids)
         loss_sum = agree_sum = 0.0
-        for batch in batches:
+        for batch, valid in zip(batches, valids):
             fill = self.draw_fill()
             if total == 0:
                 continue
-            loss, agree, count = self.loss(batch, self.forward(batch, fill))
+            loss, agree, count = self.loss(batch, self.forward(batch, fill), valid)
             if count:
                 (loss * (count / total)).backward()
                 loss_sum, agree_sum = loss_sum + loss.item() * count, agree_sum + agree * count
