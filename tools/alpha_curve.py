@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from spd_megatron.eval.orchestrate import run_subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,12 +45,10 @@ def decode_report(run: Path, ckpt: Path, prompt_set: str, args) -> dict:
                str(ROOT / "examples" / "decode.py"), "schedule.name=spd", f"draft.path={ckpt}",
                f"parallel.layers_per_stage=[{','.join(map(str, split))}]", f"prompts_file={prompt_set}",
                f"prompts_limit={args.prompts}", f"max_new_tokens={args.new_tokens}", f"report.json={report}"]
-        log = report.with_suffix(".log")
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout_s,
-                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        if proc.returncode != 0:
-            raise SystemExit(f"error: decode of {ckpt} on {prompt_set} failed (exit {proc.returncode}); log: {log}")
+        error = run_subprocess(f"decode of {ckpt} on {prompt_set}", cmd, report.with_suffix(".log"),
+                               args.timeout_s, dict(os.environ, PYTHONUNBUFFERED="1"), "--timeout-s")
+        if error:
+            raise SystemExit(f"error: {error}")
     return json.loads(report.read_text())["summary"]
 
 

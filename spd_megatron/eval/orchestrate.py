@@ -69,7 +69,8 @@ def launch_command(nproc: int, config_path: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *entry]
 
 
-def run_subprocess(name: str, cmd: list[str], log_path: Path, timeout_s: float, env: dict) -> Optional[str]:
+def run_subprocess(name: str, cmd: list[str], log_path: Path, timeout_s: float, env: dict,
+                   timeout_knob: str = "eval.timeout_s") -> Optional[str]:
     """Run ``cmd`` in its own process group, output to ``log_path``; None, or a one-line error.
 
     On timeout (or an interrupt) the whole group is ended: SIGTERM, then SIGKILL after a grace.
@@ -81,7 +82,7 @@ def run_subprocess(name: str, cmd: list[str], log_path: Path, timeout_s: float, 
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _end_group(proc)
-            return f"{name}: timed out after {timeout_s:.0f} s and was stopped (eval.timeout_s); log: {log_path}"
+            return f"{name}: timed out after {timeout_s:.0f} s and was stopped ({timeout_knob}); log: {log_path}"
         finally:
             if proc.poll() is None:
                 _end_group(proc)
