@@ -56,6 +56,10 @@ class ParallelConfig:
     """Longest wait for any message from another rank during decoding."""
     setup_timeout_s: float = 1800.0
     """Longest wait while another rank converts or loads the model."""
+    prepost_receives: bool = True
+    """Message headers travel on their own gloo channel whose receives are posted ahead, and the
+    ring's next hidden row is received into a buffer posted before it is sent (parallel/link.py).
+    false: one channel, every receive posted when it is needed (for A/B measurements)."""
 
 
 @dataclass

@@ -65,6 +65,7 @@ class ParallelContext:
     draft_rank: Optional[int] = None  # a dedicated draft rank after the TP x PP model ranks
     draft_groups: Optional[object] = None  # megatron ProcessGroupCollection of the draft rank alone
     comm_device: torch.device = torch.device("cpu")  # where p2p messages live: GPU (NCCL) or CPU (gloo)
+    control_group: Optional[object] = None  # gloo group of every rank for message headers, or None
 
     @property
     def is_draft_rank(self) -> bool:
@@ -212,6 +213,7 @@ def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
         else torch.device("cpu")
     comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     is_model_rank = env.rank < layout.world_size
+    control = _control_group(cfg) if cfg.prepost_receives and env.world_size > 1 else None
     return ParallelContext(
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, layout=layout,
         device=device,
@@ -219,8 +221,18 @@ def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
         tp_group=parallel_state.get_tensor_model_parallel_group() if is_model_rank else None,
         timeout_s=cfg.timeout_s, draft_rank=layout.world_size if extra_ranks else None,
         draft_groups=draft_groups if env.rank == layout.world_size else None,
-        comm_device=comm_device,
+        comm_device=comm_device, control_group=control,
     )
+
+
+def _control_group(cfg: ParallelConfig):
+    """A gloo group of every rank that carries only message headers (parallel/link.py).
+
+    Headers on a channel of their own can have their receives posted ahead of time: nothing else
+    travels on it, so a posted header receive can never match a payload. Gloo keeps them in host
+    memory, so reading one never synchronises a GPU stream.
+    """
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.setup_timeout_s))
 
 
 def _draft_rank_groups(draft_rank: int):
