@@ -1,7 +1,8 @@
 """Start torch.distributed and Megatron's model-parallel groups; the only place groups are made.
 
 Launchers understood: torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (OMPI_COMM_WORLD_*), MPICH /
-Intel MPI (PMI_RANK/PMI_SIZE), and a plain single process (world size 1).
+Intel MPI (PMI_RANK/PMI_SIZE), and a plain single process (world size 1). Under MPI, rank 0's
+address and port reach the other ranks through mpi4py when it is installed (set_mpi_master).
 """
 
 from __future__ import annotations
@@ -104,11 +105,11 @@ _JOB_ID_KEYS = ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "PMI_JOBID", "SLURM
 
 
 def mpi_master_port(environ: Optional[dict] = None) -> int:
-    """MASTER_PORT for an MPI launch that did not set one: derived from the MPI job id.
+    """MASTER_PORT for an MPI launch without mpi4py that did not set one: derived from the job id.
 
-    Every rank of a job computes the same port (no communication is possible before the process
-    group exists) and two jobs on one node get different ones. Pin it with ``-x MASTER_PORT=...``
-    when a port is known to be free, and give ``-x MASTER_ADDR=<rank 0's host>`` across nodes.
+    Every rank of a job computes the same port (without mpi4py no communication is possible before
+    the process group exists) and two jobs on one node get different ones. Pin it with
+    ``-x MASTER_PORT=...`` when a port is known to be free.
     """
     env = os.environ if environ is None else environ
     for key in _JOB_ID_KEYS:
@@ -117,9 +118,9 @@ def mpi_master_port(environ: Optional[dict] = None) -> int:
     return 29500
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -162,18 +163,120 @@ def _pick_backend(requested: str) -> str:
     return pick_backend(requested, cuda, torch.cuda.device_count() if cuda else 0, local_world_size())
 
 
+def mpi_spans_nodes(environ: Optional[dict] = None) -> bool:
+    """True when the MPI launcher says this node holds fewer ranks than the job (False if unsaid)."""
+    env = os.environ if environ is None else environ
+    return 0 < local_world_size(env) < read_launch_env(env).world_size
+
+
+def route_address(peer_host: str) -> Optional[str]:
+    """This host's address on the route to ``peer_host`` (a UDP connect sends nothing); None if unknown."""
+    try:
+        peer = socket.gethostbyname(peer_host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((peer, 9))
+            addr = sock.getsockname()[0]
+    except OSError:
+        return None
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+def master_address(hostnames: list, route=route_address) -> str:
+    """Where the other ranks reach rank 0 (``hostnames[0]``), given every rank's hostname.
+
+    127.0.0.1 when every rank shares rank 0's host. Across hosts: rank 0's address on the route to
+    the first rank on another host, else the address rank 0's name resolves to (when not loopback),
+    else rank 0's name for the other hosts to resolve.
+    """
+    own = hostnames[0]
+    peers = [host for host in hostnames if host != own]
+    if not peers:
+        return "127.0.0.1"
+    addr = route(peers[0])
+    if addr:
+        return addr
+    try:
+        addr = socket.gethostbyname(own)
+    except OSError:
+        return own
+    return own if addr.startswith("127.") else addr
+
+
+def mpi_rendezvous(comm, master_port: Optional[str] = None) -> tuple:
+    """(MASTER_ADDR, MASTER_PORT) chosen on rank 0 and broadcast over an mpi4py communicator.
+
+    Rank 0's address from every rank's hostname (master_address) and ``master_port`` when given,
+    else a port free on rank 0. Collective: every rank of ``comm`` calls it.
+    """
+    hostnames = comm.allgather(socket.gethostname())
+    choice = None
+    if comm.Get_rank() == 0:
+        try:
+            choice = (master_address(hostnames), int(master_port) if master_port else _free_port(""))
+        except (OSError, ValueError) as err:  # sent to every rank: none is left waiting in bcast
+            choice = f"MPI rendezvous: rank 0 could not pick MASTER_ADDR/MASTER_PORT: {err}"
+    choice = comm.bcast(choice, root=0)
+    if isinstance(choice, str):
+        raise SPDError(choice)
+    return choice
+
+
+def _mpi4py_world(env: LaunchEnv):
+    """mpi4py's COMM_WORLD when mpi4py imports and agrees with the launcher's ranks; else None."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    except RuntimeError as err:  # installed, but no MPI library it can load
+        log.warning("mpi4py is installed but cannot load an MPI library (%s): not using it to find "
+                    "rank 0", str(err).splitlines()[0] if str(err) else "")
+        return None
+    comm = MPI.COMM_WORLD
+    if (comm.Get_rank(), comm.Get_size()) != (env.rank, env.world_size):
+        log.warning("mpi4py sees rank %d of %d but the launcher says %d of %d (an MPI library other "
+                    "than the launcher's?): not using it to find rank 0", comm.Get_rank(),
+                    comm.Get_size(), env.rank, env.world_size)
+        return None
+    return comm
+
+
+def set_mpi_master(env: LaunchEnv, environ: Optional[dict] = None, world=_mpi4py_world) -> None:
+    """Fill MASTER_ADDR / MASTER_PORT for an MPI launch.
+
+    ``-x MASTER_ADDR=...`` given: kept, MASTER_PORT defaults to mpi_master_port. Otherwise with
+    mpi4py: rank 0's address and a port free there (or the given MASTER_PORT), broadcast over MPI,
+    so multi-node jobs need no -x. Without mpi4py: 127.0.0.1 and mpi_master_port, one node only.
+
+    Raises:
+        SPDError: the job spans nodes, and neither MASTER_ADDR nor mpi4py is there.
+    """
+    environ = os.environ if environ is None else environ
+    if not environ.get("MASTER_ADDR"):
+        comm = world(env)
+        if comm is not None:
+            addr, port = mpi_rendezvous(comm, environ.get("MASTER_PORT"))
+            environ["MASTER_ADDR"], environ["MASTER_PORT"] = addr, str(port)
+            log.debug("MPI rendezvous through mpi4py: %s:%s", addr, port)
+            return
+        if mpi_spans_nodes(environ):
+            raise SPDError(f"mpirun across nodes ({local_world_size(environ)} of {env.world_size} ranks "
+                           "on this node) cannot find rank 0 without mpi4py: install the mpi extra "
+                           "(pip install -e '.[mpi]') or pass -x MASTER_ADDR=<rank 0's host>")
+        environ["MASTER_ADDR"] = "127.0.0.1"
+    if not environ.get("MASTER_PORT"):
+        environ["MASTER_PORT"] = str(mpi_master_port(environ))
+
+
 def start_process_group(cfg: ParallelConfig) -> LaunchEnv:
     """Initialise the default process group from the launcher's environment (idempotent)."""
     env = read_launch_env()
     if dist.is_initialized():
         return LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.launcher)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if env.launcher == "single":
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    elif env.launcher == "mpi":
-        os.environ.setdefault("MASTER_PORT", str(mpi_master_port()))
+    if env.launcher == "mpi":
+        set_mpi_master(env)
     else:
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()) if env.launcher == "single" else "29500")
     backend = _pick_backend(cfg.backend)
     if torch.cuda.is_available():  # one GPU per local rank; several ranks may share one (gloo)
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
