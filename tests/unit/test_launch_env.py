@@ -7,6 +7,7 @@ without mpi4py) are in tests/distributed/test_mpirun.py.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -64,9 +65,14 @@ def test_master_address_loopback_on_one_host_routed_across_hosts(monkeypatch):
     assert master_address(["n0", "n1"], route=lambda peer: None) == "n0"
 
 
-def test_route_address_to_localhost_is_not_offered():
+def test_route_address_to_localhost_is_not_offered(monkeypatch):
     assert init.route_address("localhost") is None  # loopback is never an address for other hosts
-    assert init.route_address("no-such-host.invalid") is None
+
+    def unresolvable(host):
+        raise socket.gaierror("no such host")
+
+    monkeypatch.setattr(init.socket, "gethostbyname", unresolvable)  # no DNS lookup in a unit test
+    assert init.route_address("node9") is None
 
 
 def test_mpi_rendezvous_every_rank_gets_rank_0s_choice(monkeypatch):
