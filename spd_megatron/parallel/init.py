@@ -68,6 +68,15 @@ class ParallelContext:
     comm_device: torch.device = torch.device("cpu")  # where p2p messages live: GPU (NCCL) or CPU (gloo)
     control_group: Optional[object] = None  # gloo group of every rank for message headers, or None
 
+    def claim_control_group(self):
+        """The header group for this rank's one StageLink; None to any later caller.
+
+        A link keeps header receives posted on it, so a second link on the same group could lose
+        messages to the first one's; later links post on demand instead.
+        """
+        group, self.control_group = self.control_group, None
+        return group
+
     @property
     def is_draft_rank(self) -> bool:
         return self.draft_rank is not None and self.rank == self.draft_rank

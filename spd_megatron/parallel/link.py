@@ -1,9 +1,23 @@
 """StageLink: the only code that sends or receives between ranks.
 
-Every message on the pipeline ring is a fixed 4-int64 header, optionally followed by a hidden
-tensor whose length the header gives. Receives wait with a timeout; when a wait fails, the error
-names the peer, and a failure that another rank reported (see ``report_failure``) is raised in
-its place, so every rank ends with the root cause instead of "connection closed".
+Every message is a fixed 5-int64 header, optionally followed by payload tensors whose shapes the
+header (and the protocol) give. Receives wait with a timeout; when a wait fails, the error names
+the peer, and a failure that another rank reported (see ``report_failure``) is raised in its
+place, so every rank ends with the root cause instead of "connection closed".
+
+Pre-posted receives (``parallel.prepost_receives``, given a ``control_group``): headers travel on
+a gloo group of their own, payloads on the default group (NCCL on GPUs). Nothing but headers uses
+the control channel, so the next header receive from a peer is posted as soon as the previous
+header arrived, long before the peer sends; reading it never synchronises a GPU stream. On the
+ring edge every message also carries a first hidden row (a zero row when it has none) whose
+receive is posted in the same way, and only rows 2.. of a multi-token message (a prompt chunk)
+are received on demand:
+
+    ring message  = header (control) + row 0 [1, 1, h] (data, pre-posted) + rows 1.. (data, if count > 1)
+
+A steady decode cycle thus finds its header and its hidden row already in place. Row 0 is posted
+ahead only after a decode step (STEP) and never after STOP, so no payload receive is left pending
+once a sequence ends (a later link on the same group could otherwise lose a message to it).
 """
 
 from __future__ import annotations
@@ -76,12 +90,14 @@ class StageLink:
         device: where messages live while in transit: the GPU for NCCL (which only moves device
             tensors), the CPU for gloo. Payloads are moved there before sending (a no-op when they
             already are) and received tensors arrive there; callers move them where they compute.
+        control_group: the gloo group for headers (pre-posted receives), or None: headers share
+            the default group and every receive is posted when it is needed.
     """
 
     def __init__(self, rank: int, prev_rank: Optional[int], next_rank: Optional[int],
                  first_rank: int, last_rank: int, hidden_size: int, dtype: torch.dtype,
                  timeout_s: float, stage_ranks: Optional[list[int]] = None,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, control_group=None) -> None:
         self.rank = rank
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.stage_ranks = stage_ranks or [first_rank, last_rank]  # global rank of each stage
@@ -89,15 +105,30 @@ class StageLink:
         self.first_rank, self.last_rank = first_rank, last_rank
         self.hidden_size, self.dtype = hidden_size, dtype
         self.timeout = timedelta(seconds=timeout_s)
+        self.control = control_group
         self._pending_sends: list = []
+        self._header_posts: dict[int, tuple] = {}  # src -> (work, [5] buffer) posted ahead
+        self._row_post: Optional[tuple] = None  # (work, [1, 1, h] buffer): the ring's next row 0
+        self._ring_hidden: Optional[Tensor] = None  # hidden of the ring message just received
         self.wait_seconds = 0.0  # time spent blocked in receives (for the stats table)
 
+    @property
+    def preposts(self) -> bool:
+        return self.control is not None
+
     # ---- sends: asynchronous; buffers stay alive until the next flush ------------------------
-    def _isend(self, tensor: Tensor, dst: int) -> None:
-        tensor = tensor.to(self.device)  # no copy when it is already there
+    def _isend(self, tensor: Tensor, dst: int, group=None) -> None:
+        if group is None:
+            tensor = tensor.to(self.device)  # no copy when it is already there
         if len(self._pending_sends) > 64:  # keep the list short in long decodes
             self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
-        self._pending_sends.append((dist.isend(tensor, dst), tensor))
+        self._pending_sends.append((dist.isend(tensor, dst, group=group), tensor))
+
+    def _send_header(self, header: Header, dst: int) -> None:
+        if self.preposts:
+            self._isend(header.to_tensor(), dst, group=self.control)  # [5] in host memory
+        else:
+            self._isend(header.to_tensor(self.device), dst)
 
     def flush(self) -> None:
         """Wait for the outstanding sends (bounded by the timeout)."""
@@ -107,9 +138,18 @@ class StageLink:
 
     def send_next(self, header: Header, hidden: Optional[Tensor] = None) -> None:
         """To the next stage: a header, then ``hidden`` [count, 1, h] if given."""
-        self._isend(header.to_tensor(self.device), self.next_rank)
-        if hidden is not None:
-            self._isend(hidden.contiguous(), self.next_rank)
+        if hidden is not None and hidden.shape[0] != header.count:
+            raise RuntimeError(f"ring message of {header.count} tokens with {hidden.shape[0]} hidden rows")
+        self._send_header(header, self.next_rank)
+        if not self.preposts:
+            if hidden is not None:
+                self._isend(hidden.contiguous(), self.next_rank)
+            return
+        if hidden is None:  # row 0 is always sent: its receive is already posted
+            hidden = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
+        self._isend(hidden[:1].contiguous(), self.next_rank)  # [1, 1, h]
+        if hidden.shape[0] > 1:
+            self._isend(hidden[1:].contiguous(), self.next_rank)  # [count - 1, 1, h]
 
     def send_to_first(self, header: Header, *tensors: Tensor) -> None:
         """To stage 0 (the token feedback edge of the ring; reports to a draft on stage 0)."""
@@ -117,19 +157,52 @@ class StageLink:
 
     # ---- receives: blocking with a timeout --------------------------------------------------
     def recv_header(self, src: int) -> Header:
-        buf = torch.empty(Header.SIZE, dtype=torch.long, device=self.device)
-        self._wait(dist.irecv(buf, src), "header from", src)
+        if not self.preposts:
+            buf = torch.empty(Header.SIZE, dtype=torch.long, device=self.device)
+            self._wait(dist.irecv(buf, src), "header from", src)
+            return Header.from_tensor(buf)
+        work, buf = self._header_posts.pop(src, None) or self._post_header(src)
+        self._wait(work, "header from", src)
+        self._header_posts[src] = self._post_header(src)  # only headers use this channel
         return Header.from_tensor(buf)
 
+    def _post_header(self, src: int) -> tuple:
+        buf = torch.empty(Header.SIZE, dtype=torch.long)  # [5], host memory (gloo)
+        return dist.irecv(buf, src, group=self.control), buf
+
     def recv_hidden(self, count: int) -> Tensor:
-        """[count, 1, h] from the previous stage."""
+        """[count, 1, h] from the previous stage (the message ``recv_prev`` just returned)."""
+        if not self.preposts:
+            return self._recv_rows(count)
+        hidden, self._ring_hidden = self._ring_hidden, None
+        if hidden is None or hidden.shape[0] != count:
+            raise RuntimeError(f"recv_hidden({count}) does not follow a ring message of {count} tokens")
+        return hidden
+
+    def _recv_rows(self, count: int) -> Tensor:
         buf = torch.empty(count, 1, self.hidden_size, dtype=self.dtype, device=self.device)
         self._wait(dist.irecv(buf, self.prev_rank), "hidden states from", self.prev_rank)
         return buf
 
+    def _recv_ring_rows(self, header: Header) -> None:
+        """Row 0 (pre-posted after a STEP), rows 1.. on demand; post the next row 0 after a STEP."""
+        work, row0 = self._row_post or self._post_row()
+        self._row_post = None
+        self._wait(work, "hidden states from", self.prev_rank)
+        hidden = row0  # [1, 1, h]
+        if header.count > 1:
+            hidden = torch.cat([row0, self._recv_rows(header.count - 1)])  # [count, 1, h]
+        self._ring_hidden = hidden if header.count > 0 else None
+        if header.op == Op.STEP:  # decode steps follow; a prompt chunk or STOP may end the exchange
+            self._row_post = self._post_row()
+
+    def _post_row(self) -> tuple:
+        buf = torch.empty(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)  # [1, 1, h]
+        return dist.irecv(buf, self.prev_rank), buf
+
     def send_to(self, dst: int, header: Header, *tensors: Tensor) -> None:
         """A header and payload tensors to any rank of this TP slot (e.g. a report to the draft rank)."""
-        self._isend(header.to_tensor(self.device), dst)
+        self._send_header(header, dst)
         for tensor in tensors:
             self._isend(tensor.contiguous(), dst)
 
@@ -140,7 +213,11 @@ class StageLink:
         return buf
 
     def recv_prev(self) -> Header:
-        return self.recv_header(self.prev_rank)
+        """A ring message from the previous stage; its hidden rows follow with ``recv_hidden``."""
+        header = self.recv_header(self.prev_rank)
+        if self.preposts:
+            self._recv_ring_rows(header)
+        return header
 
     def recv_from_last(self) -> Header:
         return self.recv_header(self.last_rank)

@@ -115,6 +115,14 @@ class AutoregressiveSchedule(SpeculativeSchedule):
         return None
 
     def _pass_stop(self) -> None:
-        """Forward STOP, but not into the last stage: it already knows from its own verdict."""
-        if self.placement.pp_rank < self.placement.pp_size - 2:
+        """Forward STOP down the ring. The last stage knows from its own verdict and takes the STOP
+        in ``finish``: every ring edge ends a sequence with STOP (parallel/link.py relies on it)."""
+        if not self.is_last:
             self.link.send_next(Header(Op.STOP))
+
+    def finish(self, state: DecodeState) -> None:
+        if self.is_last and not self.is_first:
+            header = self.link.recv_prev()
+            if header.op != Op.STOP:
+                raise RuntimeError(f"autoregressive protocol: expected STOP after the final token, got {header.op.name}")
+        super().finish(state)
