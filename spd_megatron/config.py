@@ -83,6 +83,9 @@ class DraftConfig:
     """Hidden-state indices the PDM aggregates (random PDM). Empty: the spec's auto rule."""
     seed: int = 0
     """Seed of a randomly initialised PDM."""
+    cuda_graphs: bool = False
+    """Replay the PDM step (layers + head on the cycle's rows) as CUDA graphs, one per row count
+    (GPU only). A capture that fails falls back to eager steps with one warning."""
 
 
 @dataclass
@@ -262,6 +265,8 @@ def validate_config(cfg: SPDConfig) -> None:
          "updates outside the graph); pick one"),
         (not cfg.model.cuda_graphs or _cuda_available(),
          "model.cuda_graphs=true needs a CUDA GPU; leave it false on CPU"),
+        (not cfg.draft.cuda_graphs or _cuda_available(),
+         "draft.cuda_graphs=true needs a CUDA GPU; leave it false on CPU"),
         (cfg.parallel.tensor_parallel_size >= 1, "parallel.tensor_parallel_size must be >= 1"),
         (cfg.parallel.pipeline_parallel_size >= 0, "parallel.pipeline_parallel_size must be >= 0"),
         (cfg.parallel.backend in ("auto", "gloo", "nccl"),

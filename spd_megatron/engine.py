@@ -102,7 +102,7 @@ def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLin
     stage_ranks = [ctx.stage_rank(s) for s in range(ctx.pp_size)]
     return StageLink(ctx.rank, prev_rank, next_rank, stage_ranks[0], stage_ranks[-1],
                      arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks,
-                     device=ctx.comm_device)
+                     device=ctx.comm_device, control_group=ctx.claim_control_group())
 
 
 def pdm_config(cfg: SPDConfig, arch: ArchSpec, split: list[int]):
@@ -135,12 +135,23 @@ def draft_path(cfg: SPDConfig, split: list[int]) -> str:
 
 def build_draft(cfg: SPDConfig, ckpt: Path, stage: TargetStage, ctx: ParallelContext):
     """The anchors on every rank (for the taps); the PDM itself on stage 0 when co-located."""
-    from spd_megatron.draft.pdm import PDMDraft
-
     pdm_cfg = pdm_config(cfg, stage.arch, list(stage.placement.layers_per_stage))
     if not stage.placement.is_first or ctx.draft_rank is not None:
         return None, pdm_cfg.anchors
-    return PDMDraft(load_pdm(cfg, ckpt, pdm_cfg, stage.arch, ctx)), pdm_cfg.anchors
+    return pdm_draft(cfg, load_pdm(cfg, ckpt, pdm_cfg, stage.arch, ctx), ctx), pdm_cfg.anchors
+
+
+def pdm_draft(cfg: SPDConfig, module, ctx: ParallelContext):
+    """The PDM as a Draft, its step replayed as CUDA graphs when ``draft.cuda_graphs`` is set."""
+    from spd_megatron.draft.pdm import PDMDraft
+
+    graphs = None
+    if cfg.draft.cuda_graphs:
+        from spd_megatron.draft.cuda_graphs import make_pdm_graphs
+
+        backend = "nccl" if ctx.comm_device.type == "cuda" else "gloo"
+        graphs = make_pdm_graphs(module, 1 if ctx.is_draft_rank else ctx.tp_size, backend)
+    return PDMDraft(module, graphs)
 
 
 def load_pdm(cfg: SPDConfig, ckpt: Path, pdm_cfg, arch: ArchSpec, ctx: ParallelContext):
@@ -188,18 +199,17 @@ def uses_draft_rank(cfg: SPDConfig) -> bool:
 def build_draft_server(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: ArchSpec):
     """The dedicated draft rank's 'schedule': a DraftServer around the PDM (TP=1)."""
     from spd_megatron.draft.features import stage_anchors
-    from spd_megatron.draft.pdm import PDMDraft
     from spd_megatron.schedule.draft_host import DraftHost
     from spd_megatron.schedule.spd import DraftServer
 
     split = split_layers(arch.num_layers, ctx.pp_size, cfg.parallel.layers_per_stage)
     pdm_cfg = pdm_config(cfg, arch, split)
     seed_megatron_rng(cfg.sampling.seed, outside_model_groups=True)
-    draft = PDMDraft(load_pdm(cfg, ckpt, pdm_cfg, arch, ctx))
+    draft = pdm_draft(cfg, load_pdm(cfg, ckpt, pdm_cfg, arch, ctx), ctx)
     stage_ranks = [ctx.layout.rank_of(s, 0) for s in range(ctx.pp_size)]
     link = StageLink(ctx.rank, None, None, stage_ranks[0], stage_ranks[-1], arch.hidden_size,
                      TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks,
-                     device=ctx.comm_device)
+                     device=ctx.comm_device, control_group=ctx.claim_control_group())
     report = [stage_anchors(s, pdm_cfg.anchors, split) for s in range(ctx.pp_size)]
     remote = {s: stage_ranks[s] for s in range(ctx.pp_size) if report[s]}
     host = DraftHost(draft, link, report, remote, ctx.pp_size, arch.hidden_size, link.dtype)

@@ -55,3 +55,34 @@ def load_hf(hf_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+
+PDM_SCRIPT = [  # (position, depth) rows per cycle for n = 2 after a 7-token prompt; "cut" = reject
+    [(7, 0)], [(7, 1), (8, 0)], [(7, 2), (8, 1), (9, 0)], [(8, 2), (9, 1), (10, 0)],
+    [(9, 2), (10, 1), (11, 0)], ("cut", 11), [(10, 2), (11, 0)], [(11, 1), (12, 0)],
+    [(11, 2), (12, 1), (13, 0)], [(12, 2), (13, 1), (14, 0)],
+]
+
+
+def pdm_cycles(draft, hidden_size: int, anchors=(0, 2, 4), seed: int = 3) -> torch.Tensor:
+    """Drive a PDMDraft like SPD with n = 2 does (``PDM_SCRIPT``: a filling pipeline of 1, 2, then 3
+    rows, a reject and a refill); returns the draft's q over the vocabulary per cycle [cycles, V]."""
+    from spd_megatron.draft.base import DraftContext, DraftRow
+    from spd_megatron.sampling.logits import SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    feats = {p: {k: torch.randn(hidden_size, generator=gen) for k in anchors} for p in range(16)}
+    draft.start([DraftRow(p, p % 7, 2, feats[p]) for p in range(7)])
+    params, sample_gen = SamplingParams(temperature=1.0), torch.Generator().manual_seed(0)
+    qs = []
+    for step in PDM_SCRIPT:
+        if step[0] == "cut":
+            draft.truncate(step[1])
+            continue
+        rows = [DraftRow(p, p % 7, d, feats[p]) for p, d in step]
+        newest = step[-1][0]
+        ctx = DraftContext(newest + 1, [p % 7 for p in range(newest + 1)], rows, step[0][0])
+        with torch.inference_mode():
+            qs.append(draft.propose(ctx, params, sample_gen).probs.clone())
+    return torch.stack(qs)  # [cycles, V]

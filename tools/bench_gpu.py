@@ -10,9 +10,12 @@ is converted once into the output folder. Measured:
 - ``steps``: one-token decode step of one stage holding all layers (PP=1), ms per step after a
   32-token prefill: local spec eager and CUDA graph; TE spec eager, CUDA graph, and FP8 eager
   (TE rows only where Transformer Engine imports; FP8 only on compute capability 8.9+).
+- ``pdm``: one steady-state PDM step (3 rows for n = 2, one layer, greedy choice), ms per step:
+  eager and as CUDA graphs (``draft.cuda_graphs``).
 - ``decode``: PP=2, both stages as processes sharing the GPU (gloo p2p through host memory):
   autoregressive vs SPD with an oracle draft (the ceiling: every draft right) and with a random
-  PDM (the real draft's cost, acceptance ~0), eager and with CUDA graphs; decode tokens/s.
+  PDM (the real draft's cost, acceptance ~0), eager and with CUDA graphs (stage steps and the
+  PDM step); decode tokens/s. Headers use the pre-posted control channel (the default).
 
 Writes OUT/bench_gpu.json. ``--worker`` is the torchrun side of ``decode``.
 """
@@ -119,11 +122,65 @@ def step_rows(ckpt: Path, steps: int, cuda: bool) -> dict:
     return out
 
 
+def time_pdm(draft, steps: int) -> float:
+    """ms per steady-state PDM step (rows at depths 2, 1, 0) after 32 prompt rows."""
+    import torch
+
+    from spd_megatron.draft.base import DraftContext, DraftRow
+    from spd_megatron.sampling.logits import SamplingParams
+
+    module = draft.module
+    h, device = module.arch.hidden_size, module.head.weight.device
+    feats = {k: torch.randn(h, device=device) for k in module.cfg.anchors}
+    draft.start([DraftRow(p, 0, 2, feats) for p in range(32)])
+    greedy, gen = SamplingParams(), torch.Generator()
+
+    def step():
+        start = module.cache.length
+        rows = [DraftRow(start + i, 0, 2 - i, feats) for i in range(3)]
+        draft.propose(DraftContext(start + 3, [0] * (start + 3), rows, start + 1), greedy, gen)
+
+    with torch.inference_mode():
+        for _ in range(5):  # warm-up (captures on the first step)
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+    return 1000 * (time.perf_counter() - t0) / steps
+
+
+def pdm_rows(ckpt: Path, steps: int, cuda: bool) -> dict:
+    from spd_megatron.draft.cuda_graphs import make_pdm_graphs
+    from spd_megatron.draft.pdm import PDMDraft
+    from spd_megatron.engine import build_engine, load_pdm, pdm_config
+    from spd_megatron.parallel.init import init_parallel
+
+    cfg = config(ckpt)
+    engine = build_engine(cfg, init_parallel(cfg.parallel))
+    split = [engine.arch.num_layers // 2, engine.arch.num_layers - engine.arch.num_layers // 2]
+    module = load_pdm(cfg, engine.checkpoint, pdm_config(cfg, engine.arch, split), engine.arch, engine.ctx)
+    out = {}
+    for graphs in ([False, True] if cuda else [False]):
+        name = f"pdm_{'graph' if graphs else 'eager'}"
+        try:
+            draft = PDMDraft(module, make_pdm_graphs(module, 1, "nccl") if graphs else None)
+            out[name] = {"ms_per_step": time_pdm(draft, steps)}
+            if graphs:
+                out[name]["graph_fallback"] = draft.graphs.disabled if draft.graphs else "not enabled"
+        except Exception as err:  # noqa: BLE001 - record and go on
+            out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+        print(name, out[name], flush=True)
+    return out
+
+
 # ---- SPD vs autoregressive (torchrun, PP=2 on one GPU) --------------------------------------
 def worker(args) -> None:
     import torch
 
     from spd_megatron.draft import OracleDraft
+    from spd_megatron.draft.cuda_graphs import make_pdm_graphs
     from spd_megatron.engine import build_engine, build_schedule
     from spd_megatron.parallel.link import gather_to_rank0
     from spd_megatron.schedule.spd import SPDSchedule
@@ -138,6 +195,8 @@ def worker(args) -> None:
     records = []
     for graphs in ([False, True] if torch.cuda.is_available() else [False]):
         engine.stage.decode_graphs = make_decode_graphs(engine.stage, 1, "gloo") if graphs else None
+        if pdm.draft is not None:
+            pdm.draft.graphs = make_pdm_graphs(pdm.draft.module, 1, "gloo") if graphs else None
         ref = engine.schedule.generate(prompt, args.new_tokens)  # also the warm-up / capture
         oracle = OracleDraft(prompt + ref.output_ids, engine.arch.vocab_size) if first else None
         spd = SPDSchedule(engine.stage, engine.schedule.link, engine.schedule.sampling, draft=oracle)
@@ -223,6 +282,7 @@ def main(argv=None) -> int:
     result = {"env": environment(), "model": SMOKE_MODEL if args.smoke else MODEL, "args": vars(args)}
     result["decode"] = decode_rows(ckpt, out, args)  # before this process touches the GPU
     result["steps"] = step_rows(ckpt, args.steps, cuda)
+    result["pdm"] = pdm_rows(ckpt, args.steps, cuda)
     (out / "bench_gpu.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

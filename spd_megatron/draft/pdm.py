@@ -4,7 +4,8 @@ docs/SPD.md section 2. A token at depth d contributes the row ``W_{a(d)} concat(
 the rows (pending completed token, in-flight tokens, newest token) run through ``S`` Megatron
 TransformerLayers built with the target's configuration (full attention, RoPE at each row's
 absolute position) over the PDM's own KV cache, which keeps completed rows only; the newest row
-goes through the target's frozen final norm and a head over the draft vocabulary.
+goes through the target's frozen final norm and a head over the draft vocabulary. The layers use
+the static-position attention, so the step can be replayed as a CUDA graph (``draft/cuda_graphs.py``).
 No communication in here: the schedule hands over the anchor states.
 """
 
@@ -66,7 +67,7 @@ class PipelineDraftModule(nn.Module):
         placement = StagePlacement(0, 1, tp_rank, tp_size, (cfg.num_layers,))
         self.layers = build_stage_model(layer_arch, placement, dtype, "local", max_seq_len,
                                         pre_process=False, post_process=False, initialize=True,
-                                        pg_collection=pg_collection)
+                                        pg_collection=pg_collection, static_decode=True)
         self.final_norm = nn.RMSNorm(hidden, eps=arch.rms_norm_eps)
         vocab = cfg.draft_vocab or list(range(arch.vocab_size))
         self.register_buffer("vocab_ids", torch.tensor(vocab, dtype=torch.long), persistent=False)
@@ -106,9 +107,10 @@ class PipelineDraftModule(nn.Module):
 class PDMDraft(Draft):
     """The PDM as the SPD schedule's draft: rows in, one proposal out, completed rows cached."""
 
-    def __init__(self, module: PipelineDraftModule) -> None:
+    def __init__(self, module: PipelineDraftModule, graphs=None) -> None:
         self.module = module
         self.anchor_indices = tuple(module.cfg.anchors)
+        self.graphs = graphs  # a draft.cuda_graphs.PDMGraphs, or None (eager steps)
 
     def start(self, prompt_rows: list[DraftRow]) -> None:
         """Cache every prompt position as a completed (deepest) row."""
@@ -122,18 +124,26 @@ class PDMDraft(Draft):
     def propose(self, ctx: DraftContext, params: SamplingParams, generator: torch.Generator) -> DraftProposal:
         rows = [r for r in ctx.rows if r.position >= self.module.cache.length]
         keep = sum(1 for r in rows if r.depth >= self.module.cfg.num_stages)  # completed rows stay
-        hidden = self._run(rows, keep)
-        logits = self.module.logits(hidden[-1, 0]).float()  # [V_d]
+        start, x = self._inputs(rows)
+        logits = self.graphs.step(x, start) if self.graphs is not None else None  # [V_d]
+        if logits is None:
+            logits = self.module.logits(self.module(x, start)[-1, 0]).float()  # [V_d]
+        self.module.cache.truncate(start + keep)  # in-flight rows are transient
         return self._choose(logits, params, generator)
 
     def _run(self, rows: list[DraftRow], keep: int) -> Tensor:
+        start, x = self._inputs(rows)
+        hidden = self.module(x, start)
+        self.module.cache.truncate(start + keep)  # in-flight rows are transient
+        return hidden
+
+    def _inputs(self, rows: list[DraftRow]) -> tuple[int, Tensor]:
+        """The rows' first position and their aggregated inputs [R, 1, h]."""
         start = rows[0].position
         if start != self.module.cache.length:
             raise RuntimeError(f"PDM rows start at {start} but its cache holds {self.module.cache.length}")
         x = torch.stack([self.module.row_input(r, r.depth) for r in rows]).unsqueeze(1)  # [R, 1, h]
-        hidden = self.module(x.to(next(self.module.head.parameters()).dtype), start)
-        self.module.cache.truncate(start + keep)  # in-flight rows are transient
-        return hidden
+        return start, x.to(self.module.head.weight.dtype)
 
     def _choose(self, logits: Tensor, params: SamplingParams, generator) -> DraftProposal:
         ids = self.module.vocab_ids

@@ -56,17 +56,17 @@ class StaticPositionSelfAttention(SelfAttention):
 
 def static_kv_update(memory: tuple[Tensor, Tensor], position: Tensor, query: Tensor, key: Tensor,
                      value: Tensor, rotary_pos_emb):
-    """Write one token's key/value at ``position`` and return the whole static cache.
+    """Write R tokens' keys/values at ``position`` and return the whole static cache.
 
     Args:
         memory: (K, V) of this layer, [Smax, 1, groups, d] each (allocated by the prefill).
-        position: [1] int64 on the cache's device.
-        query, key, value: [1, 1, heads or groups, d] of the new token (keys before RoPE).
+        position: [R] int64 on the cache's device (R = 1 for a stage step, R rows for the PDM).
+        query, key, value: [R, 1, heads or groups, d] of the new tokens (keys before RoPE).
         rotary_pos_emb: (q, k) RoPE tables [Smax, 1, 1, d], or None.
 
     Returns:
         What megatron's ``_adjust_key_value_for_inference`` returns: query, K [Smax...], V,
-        (q RoPE row [1, 1, 1, d], k RoPE [Smax, ...]), the mask type (arbitrary), no block table.
+        (q RoPE rows [R, 1, 1, d], k RoPE [Smax, ...]), the mask type (arbitrary), no block table.
     """
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -90,11 +90,15 @@ def static_decode_spec(spec):
 
 def static_decode_mask(key_positions: Tensor, position: Tensor,
                        sliding_window: Optional[int] = None) -> Tensor:
-    """True = masked: keys after ``position`` (and outside the window). [Smax], [1] -> [1, 1, 1, Smax]."""
-    masked = key_positions > position
+    """True = masked: keys after each query's position (and outside the window).
+
+    [Smax] keys, [R] query positions -> [1, 1, R, Smax].
+    """
+    queries = position.view(-1, 1)  # [R, 1]
+    masked = key_positions.view(1, -1) > queries  # [R, Smax]
     if sliding_window is not None:
-        masked = masked | (key_positions <= position - sliding_window)
-    return masked.view(1, 1, 1, -1)
+        masked = masked | (key_positions.view(1, -1) <= queries - sliding_window)
+    return masked.view(1, 1, *masked.shape)
 
 
 @dataclass
@@ -166,14 +170,9 @@ class DecodeGraphs:
             context.static_position = None
 
     def _zero_cache_tail(self) -> None:
-        """Rows never written hold torch.empty garbage (maybe NaN); masked rows must be finite."""
-        if self._cache_zeroed:
-            return
-        length = self.stage.cache.length
-        for keys, values in self.stage.cache.context.key_value_memory_dict.values():
-            keys[length:].zero_()
-            values[length:].zero_()
-        self._cache_zeroed = True
+        if not self._cache_zeroed:
+            zero_cache_tail(self.stage.cache)
+            self._cache_zeroed = True
 
     # ---- capture and replay ---------------------------------------------------------------------
     def _replay(self) -> Optional[Tensor]:
@@ -191,26 +190,40 @@ class DecodeGraphs:
         return captured.out.clone()  # the next replay overwrites the graph's own output
 
     def _capture(self) -> CapturedStep:
-        """Warm up on a side stream, capture, replay once and compare with the eager step.
-
-        The warm-up steps and the check replay write the same key/value row as the real step
-        (same input, same position), so they leave the cache as the step itself would.
-        """
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_STEPS):
-                eager = self._static_forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        eager = eager.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self._static_forward()
-        taps = dict(self.stage.taps)
+        """Capture the static step (``capture_checked``); the taps it wrote live in the graph."""
+        graph, out = capture_checked(self._static_forward, self.pool)
         self.pool = graph.pool()
-        graph.replay()
-        check_replay(out, eager)
-        return CapturedStep(graph, out, taps)
+        return CapturedStep(graph, out, dict(self.stage.taps))
+
+
+def capture_checked(step, pool=None) -> tuple:
+    """Warm ``step`` up on a side stream, capture it, replay once and compare with the eager run.
+
+    ``step()`` must be idempotent given its static inputs: the warm-up runs and the check replay
+    write the same key/value rows as the real step (same input, same position), so they leave a
+    cache as the step itself would. Returns (graph, output tensor in the graph's memory).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP_STEPS):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager = eager.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = step()
+    graph.replay()
+    check_replay(out, eager)
+    return graph, out
+
+
+def zero_cache_tail(cache) -> None:
+    """Rows never written hold torch.empty garbage (maybe NaN); masked rows must be finite."""
+    length = cache.length
+    for keys, values in cache.context.key_value_memory_dict.values():
+        keys[length:].zero_()
+        values[length:].zero_()
 
 
 def check_replay(replayed: Tensor, eager: Tensor, rel: float = 1e-3) -> None:

@@ -35,3 +35,24 @@ def test_graph_step_equals_eager_step_bf16(bf16_models, spec):
         pytest.skip("Transformer Engine is not installed")
     replayed, eager = graph_vs_eager(bf16_models["llama"], model__layer_spec=spec, model__dtype="bfloat16")
     assert rel_err(replayed, eager) < 2e-2
+
+
+def test_pdm_graph_step_equals_eager_step(tiny_models):
+    """draft.cuda_graphs: one graph per row count (1, 2, 3 for n = 2), equal to the eager PDM."""
+    from helpers import pdm_cycles
+
+    from spd_megatron.convert.checkpoint import read_arch
+    from spd_megatron.draft.cuda_graphs import make_pdm_graphs
+    from spd_megatron.draft.pdm import PDMConfig, PDMDraft, PipelineDraftModule
+
+    engine = gpu_engine(tiny_models["llama"][1])  # the process group and megatron's groups
+    arch = read_arch(tiny_models["llama"][1])
+    torch.manual_seed(1)
+    module = PipelineDraftModule(PDMConfig([2, 2], [0, 2, 4], num_layers=2, target=arch.to_dict()),
+                                 arch, max_seq_len=48).to(engine.stage.device).eval()
+    eager = pdm_cycles(PDMDraft(module), arch.hidden_size)
+    graphs = make_pdm_graphs(module, 1, "nccl")
+    replayed = pdm_cycles(PDMDraft(module, graphs), arch.hidden_size)
+    assert graphs.disabled is None, graphs.disabled
+    assert sorted(graphs.graphs) == [1, 2, 3]
+    torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-5)
