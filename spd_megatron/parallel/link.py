@@ -18,6 +18,12 @@ are received on demand:
 A steady decode cycle thus finds its header and its hidden row already in place. Row 0 is posted
 ahead only after a decode step (STEP) and never after STOP, so no payload receive is left pending
 once a sequence ends (a later link on the same group could otherwise lose a message to it).
+
+NCCL runs a pair's sends and receives in order on one stream. Stage 1 sends anchors and verdict
+payloads back to stage 0, its previous stage, before stage 0 sends the next row; a row receive
+posted ahead would sit in front of those sends on that stream, and both would wait forever. So on
+NCCL the row is posted ahead only where the previous stage is not stage 0 (n >= 3, stages >= 2);
+gloo runs each operation on its own, so there every ring edge posts ahead.
 """
 
 from __future__ import annotations
@@ -116,6 +122,11 @@ class StageLink:
     def preposts(self) -> bool:
         return self.control is not None
 
+    @property
+    def preposts_rows(self) -> bool:
+        """Row 0 of the next ring message posted ahead (never in front of sends back to stage 0 on NCCL)."""
+        return self.preposts and (self.device.type == "cpu" or self.prev_rank != self.first_rank)
+
     # ---- sends: asynchronous; buffers stay alive until the next flush ------------------------
     def _isend(self, tensor: Tensor, dst: int, group=None) -> None:
         if group is None:
@@ -193,7 +204,7 @@ class StageLink:
         if header.count > 1:
             hidden = torch.cat([row0, self._recv_rows(header.count - 1)])  # [count, 1, h]
         self._ring_hidden = hidden if header.count > 0 else None
-        if header.op == Op.STEP:  # decode steps follow; a prompt chunk or STOP may end the exchange
+        if header.op == Op.STEP and self.preposts_rows:  # decode steps follow; a prompt chunk or STOP may end the exchange
             self._row_post = self._post_row()
 
     def _post_row(self) -> tuple:

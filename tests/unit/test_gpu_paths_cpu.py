@@ -84,3 +84,17 @@ def test_fp8_recipe_and_weight_recast():
     model = torch.nn.Sequential(FakeTELinear(), torch.nn.Linear(2, 2), FakeTELinear())
     assert recast_fp8_weights(model) == 2
     assert all(m.is_first_microbatch for m in model if isinstance(m, FakeTELinear))
+
+
+def test_ring_rows_are_not_posted_ahead_of_nccl_sends_back_to_stage0():
+    """On NCCL a pair's ops run in order on one stream: stage 1 must not post its next row ahead
+    of the anchors/verdicts it sends back to stage 0 (a deadlock); gloo and stages >= 2 may."""
+    control = object()  # stands for the gloo header group; the constructor does not communicate
+
+    def link(rank, prev, device):
+        return StageLink(rank, prev, None, 0, 2, 8, torch.float32, 1, device=device, control_group=control)
+
+    assert link(1, 0, "cpu").preposts_rows and link(2, 1, "cpu").preposts_rows
+    assert not link(1, 0, "cuda").preposts_rows  # prev is stage 0
+    assert link(2, 1, "cuda").preposts_rows
+    assert not StageLink(1, 0, None, 0, 1, 8, torch.float32, 1).preposts_rows  # no control group
