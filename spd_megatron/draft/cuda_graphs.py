@@ -23,7 +23,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spd_megatron.target.cuda_graphs import capture_checked, static_decode_mask, zero_cache_tail
+from spd_megatron.target.cuda_graphs import (
+    capture_checked,
+    static_decode_mask,
+    why_no_graphs,
+    zero_cache_tail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +115,8 @@ class PDMGraphs:
 
 def make_pdm_graphs(module, tp_size: int, backend: str) -> Optional[PDMGraphs]:
     """PDMGraphs for a PDM on a GPU, or None (with one warning) where graphs cannot work."""
-    device = module.head.weight.device
-    if device.type != "cuda":
-        log.warning("draft.cuda_graphs: the PDM is on %s, not a GPU; it runs eagerly", device)
-        return None
-    if tp_size > 1 and backend != "nccl":
-        log.warning("draft.cuda_graphs: TP=%d collectives inside a graph need NCCL (backend is %s); "
-                    "the PDM runs eagerly", tp_size, backend)
+    reason = why_no_graphs(module.head.weight.device, tp_size, backend)
+    if reason:
+        log.warning("draft.cuda_graphs: %s; the PDM runs eagerly", reason)
         return None
     return PDMGraphs(module, capture=True)

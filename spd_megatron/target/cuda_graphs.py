@@ -234,13 +234,19 @@ def check_replay(replayed: Tensor, eager: Tensor, rel: float = 1e-3) -> None:
         raise RuntimeError(f"graph replay differs from the eager step by {diff:.3g}")
 
 
+def why_no_graphs(device: torch.device, tp_size: int, backend: str) -> Optional[str]:
+    """Why CUDA graphs cannot work for a module on ``device``, or None when they can."""
+    if device.type != "cuda":
+        return f"it is on {device}, not a GPU"
+    if tp_size > 1 and backend != "nccl":
+        return f"TP={tp_size} collectives inside a graph need NCCL (backend is {backend})"
+    return None
+
+
 def make_decode_graphs(stage, tp_size: int, backend: str) -> Optional[DecodeGraphs]:
     """DecodeGraphs for a CUDA stage, or None (with one warning) where graphs cannot work."""
-    if stage.device.type != "cuda":
-        log.warning("model.cuda_graphs: the stage is on %s, not a GPU; decoding eagerly", stage.device)
-        return None
-    if tp_size > 1 and backend != "nccl":
-        log.warning("model.cuda_graphs: TP=%d collectives inside a graph need NCCL (backend is %s); "
-                    "decoding eagerly", tp_size, backend)
+    reason = why_no_graphs(stage.device, tp_size, backend)
+    if reason:
+        log.warning("model.cuda_graphs: %s; the stage decodes eagerly", reason)
         return None
     return DecodeGraphs(stage, capture=True)
