@@ -23,7 +23,8 @@ NCCL runs a pair's sends and receives in order on one stream. Stage 1 sends anch
 payloads back to stage 0, its previous stage, before stage 0 sends the next row; a row receive
 posted ahead would sit in front of those sends on that stream, and both would wait forever. So on
 NCCL the row is posted ahead only where the previous stage is not stage 0 (n >= 3, stages >= 2);
-gloo runs each operation on its own, so there every ring edge posts ahead.
+gloo runs each operation on its own, so there every ring edge posts ahead. On NCCL a payload
+receive does not block the host either: the current stream waits for it (``_wait_payload``).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class StageLink:
         self._header_posts: dict[int, tuple] = {}  # src -> (work, [5] buffer) posted ahead
         self._row_post: Optional[tuple] = None  # (work, [1, 1, h] buffer): the ring's next row 0
         self._ring_hidden: Optional[Tensor] = None  # hidden of the ring message just received
-        self.wait_seconds = 0.0  # time spent blocked in receives (for the stats table)
+        self.wait_seconds = 0.0  # host time blocked in receives (stats; NCCL payload waits do not block)
 
     @property
     def preposts(self) -> bool:
@@ -192,14 +193,14 @@ class StageLink:
 
     def _recv_rows(self, count: int) -> Tensor:
         buf = torch.empty(count, 1, self.hidden_size, dtype=self.dtype, device=self.device)
-        self._wait(dist.irecv(buf, self.prev_rank), "hidden states from", self.prev_rank)
+        self._wait_payload(dist.irecv(buf, self.prev_rank), "hidden states from", self.prev_rank)
         return buf
 
     def _recv_ring_rows(self, header: Header) -> None:
         """Row 0 (pre-posted after a STEP), rows 1.. on demand; post the next row 0 after a STEP."""
         work, row0 = self._row_post or self._post_row()
         self._row_post = None
-        self._wait(work, "hidden states from", self.prev_rank)
+        self._wait_payload(work, "hidden states from", self.prev_rank)
         hidden = row0  # [1, 1, h]
         if header.count > 1:
             hidden = torch.cat([row0, self._recv_rows(header.count - 1)])  # [count, 1, h]
@@ -220,7 +221,7 @@ class StageLink:
     def recv_tensor(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A payload of known shape from ``src`` (shapes are fixed by the protocol, never sent)."""
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait(dist.irecv(buf, src), "payload from", src)
+        self._wait_payload(dist.irecv(buf, src), "payload from", src)
         return buf
 
     def recv_prev(self) -> Header:
@@ -232,6 +233,20 @@ class StageLink:
 
     def recv_from_last(self) -> Header:
         return self.recv_header(self.last_rank)
+
+    def _wait_payload(self, work, what: str, peer: Optional[int]) -> None:
+        """A payload receive: stream-ordered on NCCL when its header came over the control channel.
+
+        NCCL's ``wait(timeout)`` blocks the host until the transfer is done (polling every
+        millisecond), a host synchronisation per message. ``wait()`` only orders the current
+        stream after it. The payload's header has already arrived (a timed gloo wait), so its
+        sender has posted the send; a peer that dies between the two is caught by NCCL's own
+        watchdog (the process group's ``parallel.setup_timeout_s``). Host-side waits elsewhere.
+        """
+        if self.preposts and self.device.type == "cuda":
+            work.wait()
+            return
+        self._wait(work, what, peer)
 
     def _wait(self, work, what: str, peer: Optional[int]) -> None:
         import time

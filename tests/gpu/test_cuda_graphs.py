@@ -3,6 +3,8 @@ equals the eager step (fp32 local spec tightly, bf16 TE spec within bf16 toleran
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from gpu_helpers import PROMPT, STEPS, decode_logits, gpu_engine, needs_cuda, rel_err, te_available
@@ -56,3 +58,33 @@ def test_pdm_graph_step_equals_eager_step(tiny_models):
     assert graphs.disabled is None, graphs.disabled
     assert sorted(graphs.graphs) == [1, 2, 3]
     torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-5)
+    rows = torch.randn(3, 1, arch.hidden_size, device=module.head.weight.device)  # [R, 1, h]
+    with torch.inference_mode(), no_host_sync():  # a replayed PDM step never waits on the host
+        logits = graphs.step(rows, module.cache.length)
+    assert logits.shape == (arch.vocab_size,)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Any synchronising CUDA call torch makes inside raises (torch.cuda.set_sync_debug_mode)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_replayed_stage_step_does_not_synchronise_the_host(tiny_models):
+    """A captured step, inputs already on the GPU: no host synchronisation (the steady cycle's only
+    ones are the verdict's argmax and the draft token, outside the stage step)."""
+    engine = gpu_engine(tiny_models["llama"][1], model__layer_spec="local", model__cuda_graphs=True)
+    stage, device = engine.stage, engine.stage.device
+    tokens = [torch.tensor([[t]], device=device) for t in STEPS]  # [1, 1] each
+    with torch.inference_mode():
+        stage.forward(0, token_ids=torch.tensor([PROMPT], device=device))
+        stage.forward(len(PROMPT), token_ids=tokens[0])  # the capture (it synchronises)
+        with no_host_sync():
+            for i, token in enumerate(tokens[1:], start=1):
+                out = stage.forward(len(PROMPT) + i, token_ids=token)
+    assert stage.decode_graphs.disabled is None, stage.decode_graphs.disabled
+    assert out.shape[-1] == engine.arch.vocab_size

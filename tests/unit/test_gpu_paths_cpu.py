@@ -98,3 +98,25 @@ def test_ring_rows_are_not_posted_ahead_of_nccl_sends_back_to_stage0():
     assert not link(1, 0, "cuda").preposts_rows  # prev is stage 0
     assert link(2, 1, "cuda").preposts_rows
     assert not StageLink(1, 0, None, 0, 1, 8, torch.float32, 1).preposts_rows  # no control group
+
+
+def test_nccl_payload_waits_do_not_block_the_host():
+    """NCCL's wait(timeout) polls on the host until the transfer ends; wait() only orders the
+    stream. Payload receives (their header already came over gloo) use the latter on NCCL."""
+
+    class Work:
+        def __init__(self):
+            self.calls = []
+
+        def wait(self, *args):
+            self.calls.append(args)
+
+    def waits(device, control):
+        link = StageLink(1, 0, None, 0, 1, 8, torch.float32, 5, device=device, control_group=control)
+        work = Work()
+        link._wait_payload(work, "payload from", 0)
+        return work.calls
+
+    assert waits("cuda", object()) == [()]  # stream-ordered
+    assert waits("cpu", object())[0][0].total_seconds() == 5  # gloo: a host wait with the timeout
+    assert waits("cuda", None)[0][0].total_seconds() == 5  # headers on NCCL too: timed host waits
