@@ -9,7 +9,7 @@ Runs, interleaved R times (A B C D A B C D ...) on the same prompts and max_new_
   ours_pp1/2      ``torchrun --standalone --nproc-per-node 1|2 examples/decode.py`` with
                   schedule.name=autoregressive and OMP_NUM_THREADS=1 per rank; numbers come
                   from its report.json (rank 0 = stage 0).
-Then a 2-process gloo ping-pong through StageLink (``--pingpong`` is that worker).
+Then a 2-process gloo ping-pong through StageLink (tools/bench_p2p.py).
 
 Decode tok/s is (new_tokens - 1) / (time after the first token) for both stacks, summed over
 prompts. For HF, a streamer timestamps the first new token (``put`` after the prompt) and
@@ -31,6 +31,10 @@ from pathlib import Path
 
 from spd_megatron.eval.hf_generate import hf_generate, load_hf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_p2p  # noqa: E402 - the sibling tool (p2p latency)
+from bench_p2p import latency_summary, percentile  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -41,20 +45,9 @@ LABELS = {"hf_t1": "HF generate, 1 thread", "hf_t2": "HF generate, 2 threads",
           "ours_pp1": "ours autoregressive PP=1", "ours_pp2": "ours autoregressive PP=2"}
 STAT_KEYS = ("decode_tokens_per_s", "ms_per_token", "new_tokens", "prefill_seconds", "decode_seconds",
              "stage_compute_seconds", "comm_wait_seconds")
-PINGPONG_MODES = ("stagelink_sym", "stagelink_ring", "raw_send_recv")
 
 
 # ---- pure helpers (unit-tested) ---------------------------------------------------------------
-def percentile(values, q: float) -> float:
-    """q-th percentile (0..100) with linear interpolation between ranks (numpy's default)."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def median(values) -> float:
     return percentile(values, 50.0)
 
@@ -104,13 +97,6 @@ def rank0_split(summary: dict) -> dict:
             "compute_ms_lo": max(per_tok["stage_compute_seconds"] - per_tok["prefill_seconds"], 0.0),
             "comm_wait_fraction": summary["comm_wait_seconds"] / summary["decode_seconds"]
             if summary["decode_seconds"] > 0 else 0.0}
-
-
-def latency_summary(rtt_seconds: list[float]) -> dict:
-    """One-way latency (RTT / 2) percentiles in microseconds."""
-    one_way = [1e6 * r / 2 for r in rtt_seconds]
-    return {"n": len(one_way), "one_way_us_median": median(one_way), "one_way_us_p90": percentile(one_way, 90),
-            "one_way_us_p99": percentile(one_way, 99), "rtt_us_median": 2 * median(one_way)}
 
 
 def build_summary(samples: dict, pingpong: dict) -> dict:
@@ -163,82 +149,6 @@ def run_ours(pp: int, args, out_dir: Path, tag: str) -> list[dict]:
     run_subprocess(torchrun_cmd(pp, "examples/decode.py", overrides), out_dir / "logs" / f"{tag}.log")
     results = json.loads(report.read_text())["results"]
     return [dict(r["stats"], output_ids=r["output_ids"], prompt_ids=r["prompt_ids"]) for r in results]
-
-
-# ---- p2p ping-pong (the --pingpong worker, launched by torchrun) ------------------------------
-def _links(rank: int, hidden: int):
-    """StageLinks of a 2-stage ring: 'sym' sends header+hidden both ways, 'ring' as decode does."""
-    import torch
-
-    from spd_megatron.parallel.link import StageLink
-
-    prev_rank, next_rank = (None, 1) if rank == 0 else (0, None)
-    return (StageLink(rank, 1 - rank, 1 - rank, 0, 1, hidden, torch.float32, timeout_s=60),
-            StageLink(rank, prev_rank, next_rank, 0, 1, hidden, torch.float32, timeout_s=60))
-
-
-def _round_trip(mode: str, rank: int, links, payload) -> None:
-    """One round trip rank 0 -> 1 -> 0: header + [1, 1, h] out, and back as ``mode`` says."""
-    from spd_megatron.parallel.link import Header, Op
-
-    header = Header(Op.STEP, 7, 1, -1)
-    if mode == "raw_send_recv":
-        return _raw_round_trip(rank, header.to_tensor(), payload)
-    link = links[0] if mode == "stagelink_sym" else links[1]
-    if rank == 1:
-        link.recv_hidden(link.recv_prev().count)
-    if mode == "stagelink_ring" and rank == 1:
-        link.send_to_first(Header(Op.TOKEN, 8, 0, 42))  # the feedback edge: header only
-    else:
-        link.send_next(header, payload)
-    link.flush()
-    if rank == 0 and mode == "stagelink_ring":
-        link.recv_from_last()
-    elif rank == 0:
-        link.recv_hidden(link.recv_prev().count)
-
-
-def _raw_round_trip(rank: int, header, payload) -> None:
-    """Plain blocking dist.send/recv of the header and the hidden, both ways."""
-    import torch.distributed as dist
-
-    for src, dst in ((0, 1), (1, 0)):
-        for tensor in (header, payload):
-            dist.send(tensor, dst) if rank == src else dist.recv(tensor, src)
-
-
-def pingpong_worker(iters: int, hidden: int, out: str) -> int:
-    """Time ``iters`` round trips per mode on 2 gloo ranks; rank 0 writes the RTTs (seconds)."""
-    import torch
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    links, payload = _links(rank, hidden), torch.randn(1, 1, hidden)  # [1, 1, h] as one decode hop
-    rtts = {}
-    for mode in PINGPONG_MODES:
-        for _ in range(100):  # warm-up
-            _round_trip(mode, rank, links, payload)
-        dist.barrier()
-        samples = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            _round_trip(mode, rank, links, payload)
-            samples.append(time.perf_counter() - t0)
-        rtts[mode] = samples
-        dist.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(rtts))
-    dist.destroy_process_group()
-    return 0
-
-
-def run_pingpong(args, out_dir: Path) -> dict:
-    out = out_dir / "raw" / "pingpong.json"
-    cmd = torchrun_cmd(2, str(Path(__file__).resolve()),
-                       ["--pingpong", "--iters", str(args.pingpong_iters), "--pingpong-out", str(out)])
-    run_subprocess(cmd, out_dir / "logs" / "pingpong.log")
-    return json.loads(out.read_text())
 
 
 # ---- machine, output ----------------------------------------------------------------------------
@@ -386,7 +296,8 @@ def run_benchmark(args) -> dict:
     for name, rep in tqdm(interleaved_order(args.configs, args.repeats), desc="runs", unit="run"):
         per_prompt, notes = measured(lambda: run_one(name, rep, args, out_dir, model, prompt_ids), args)
         samples[name].append(dict(aggregate_prompts(per_prompt), repeat=rep, **notes, per_prompt=per_prompt))
-    pingpong, meta["pingpong_notes"] = measured(lambda: run_pingpong(args, out_dir), args) \
+    pingpong, meta["pingpong_notes"] = measured(lambda: bench_p2p.run(
+        args.pingpong_iters, 576, out_dir / "raw", out_dir / "logs" / "pingpong.log"), args) \
         if args.pingpong_iters > 0 else ({}, {})
     meta["loadavg_1min_end"] = os.getloadavg()[0]
     summary = build_summary(samples, pingpong)
@@ -412,8 +323,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rerun a measurement when other processes used more CPU cores than this during it")
     p.add_argument("--retries", type=int, default=2, help="reruns of a disturbed measurement (then keep it)")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_baseline"), help="output folder")
-    p.add_argument("--pingpong", action="store_true", help=argparse.SUPPRESS)  # the torchrun worker
-    p.add_argument("--pingpong-out", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.prompts_limit, args.max_new_tokens, args.repeats, args.pingpong_iters = 1, 24, 1, 300
@@ -425,8 +334,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.pingpong:
-        return pingpong_worker(args.pingpong_iters, 576, args.pingpong_out)
     doc = run_benchmark(args)
     out_dir = Path(args.out)
     (out_dir / "bench_baseline.json").write_text(json.dumps(doc, indent=1))
