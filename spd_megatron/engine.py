@@ -81,6 +81,11 @@ def check_fp8_spec(cfg: SPDConfig, spec: str) -> None:
                        f"resolved to {spec} here; drop model.fp8 or run on a GPU node with TE")
 
 
+def p2p_backend(ctx: ParallelContext) -> str:
+    """nccl when messages live on the GPU, else gloo (what CUDA graphs with TP collectives need)."""
+    return "nccl" if ctx.comm_device.type == "cuda" else "gloo"
+
+
 def enable_gpu_paths(cfg: SPDConfig, ctx: ParallelContext, stage: TargetStage) -> None:
     """FP8 weight calibration and CUDA-graph decode steps, when configured (GPU only)."""
     if cfg.model.fp8:
@@ -90,8 +95,7 @@ def enable_gpu_paths(cfg: SPDConfig, ctx: ParallelContext, stage: TargetStage) -
     if cfg.model.cuda_graphs:
         from spd_megatron.target.cuda_graphs import make_decode_graphs
 
-        backend = "nccl" if ctx.comm_device.type == "cuda" else "gloo"
-        stage.decode_graphs = make_decode_graphs(stage, ctx.tp_size, backend)
+        stage.decode_graphs = make_decode_graphs(stage, ctx.tp_size, p2p_backend(ctx))
 
 
 def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLink | None:
@@ -149,8 +153,7 @@ def pdm_draft(cfg: SPDConfig, module, ctx: ParallelContext):
     if cfg.draft.cuda_graphs:
         from spd_megatron.draft.cuda_graphs import make_pdm_graphs
 
-        backend = "nccl" if ctx.comm_device.type == "cuda" else "gloo"
-        graphs = make_pdm_graphs(module, 1 if ctx.is_draft_rank else ctx.tp_size, backend)
+        graphs = make_pdm_graphs(module, 1 if ctx.is_draft_rank else ctx.tp_size, p2p_backend(ctx))
     return PDMDraft(module, graphs)
 
 

@@ -57,7 +57,6 @@ def load_hf(hf_dir):
     return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
 
 
-
 PDM_SCRIPT = [  # (position, depth) rows per cycle for n = 2 after a 7-token prompt; "cut" = reject
     [(7, 0)], [(7, 1), (8, 0)], [(7, 2), (8, 1), (9, 0)], [(8, 2), (9, 1), (10, 0)],
     [(9, 2), (10, 1), (11, 0)], ("cut", 11), [(10, 2), (11, 0)], [(11, 1), (12, 0)],

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -40,9 +39,9 @@ def percentile(values, q: float) -> float:
 def latency_summary(rtt_seconds: list[float]) -> dict:
     """One-way latency (RTT / 2) percentiles in microseconds."""
     one_way = [1e6 * r / 2 for r in rtt_seconds]
-    return {"n": len(one_way), "one_way_us_median": statistics.median(one_way) if one_way else float("nan"),
-            "one_way_us_p90": percentile(one_way, 90), "one_way_us_p99": percentile(one_way, 99),
-            "rtt_us_median": 2 * statistics.median(one_way) if one_way else float("nan")}
+    median = percentile(one_way, 50)
+    return {"n": len(one_way), "one_way_us_median": median, "one_way_us_p90": percentile(one_way, 90),
+            "one_way_us_p99": percentile(one_way, 99), "rtt_us_median": 2 * median}
 
 
 # ---- the torchrun worker ----------------------------------------------------------------------
