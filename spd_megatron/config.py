@@ -107,7 +107,10 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps (``accumulate`` conversations each)."""
     accumulate: int = 1
-    """Conversations whose gradients are summed per optimizer step."""
+    """Micro-batches whose gradients are summed per optimizer step."""
+    batch_tokens: int = 0
+    """Tokens per global micro-batch: conversations padded to a common length and run in one
+    forward (split over the data-parallel ranks); 0 = one conversation per micro-batch."""
     regenerate: str = "none"
     """Self-distillation: 'greedy' or 'sample' replaces each first assistant turn by the target's
     own reply (Hugging Face generate, cached as out/self_distill_<mode>.jsonl); 'none' trains on
@@ -122,7 +125,8 @@ class TrainConfig:
     """Also keep a deployable copy out/snapshots/step_<N> every this many steps (0 = off), e.g. for
     an acceptance-vs-training-tokens curve (tools/alpha_curve.py)."""
     time_budget_min: float = 0.0
-    """Stop (and save) after this many minutes (0 = no limit)."""
+    """Stop (and save) after this many minutes of training in this process (0 = no limit); rerunning
+    the same command resumes for another budget."""
     out: str = "runs/pdm"
     """Output folder: latest/ (resumable), final/ (the deployable PDM), MODEL_CARD.md."""
     resume: bool = True

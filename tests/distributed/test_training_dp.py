@@ -1,0 +1,176 @@
+"""Batched and data-parallel PDM training (issue 12): a padded batch equals the same conversations
+one by one, DP=2 equals one process on the same global batch, resume works at another world size,
+and a batch the world size cannot split fails in one line on every rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from multiproc import run_distributed
+from tiny_models import byte_tokenizer
+
+from spd_megatron.config import SPDConfig
+from spd_megatron.convert.checkpoint import read_arch
+from spd_megatron.draft.pdm import PDMConfig, PipelineDraftModule, init_from_target
+from spd_megatron.draft.training.batches import shard
+from spd_megatron.draft.training.data import encode
+from spd_megatron.draft.training.trainer import PDMTrainer, Teacher
+from spd_megatron.engine import build_stage
+from spd_megatron.errors import SPDError
+from spd_megatron.parallel.data_parallel import init_data_parallel
+from helpers import tiny_config
+
+REPLIES = ["one two three four five", "a much longer reply that goes on and on for a while", "ok",
+           "the fourth answer, of middling length"]
+TOL = dict(rtol=2e-4, atol=2e-6)
+
+
+def conversations(max_len=60):
+    tok = byte_tokenizer()
+    return [encode(tok, [{"role": "user", "content": f"question {i}"},
+                         {"role": "assistant", "content": reply}], max_len) for i, reply in enumerate(REPLIES)]
+
+
+def build(ckpt, dp=None, vocab=tuple(range(0, 260, 2)) + (258,)):
+    cfg = tiny_config(ckpt)
+    ctx, dp_ctx = init_data_parallel(cfg.parallel)
+    arch = read_arch(ckpt)
+    teacher = Teacher(build_stage(cfg, ctx, ckpt, arch), [0, 2, 4])
+    torch.manual_seed(0)
+    module = PipelineDraftModule(PDMConfig([2, 2], [0, 2, 4], 1, sorted(set(vocab)), arch.to_dict()), arch,
+                                 max_seq_len=96)
+    with torch.no_grad():
+        init_from_target(module, ckpt)
+    trainer = PDMTrainer(module, lr=1e-3, warmup=1, total_steps=10, dp=dp_ctx if dp else None)
+    return teacher, trainer, dp_ctx
+
+
+def grads(trainer):
+    return {n: p.grad.clone() for n, p in trainer.module.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(a, b):
+    (loss_a, agree_a, n_a), ga = a
+    (loss_b, agree_b, n_b), gb = b
+    assert n_a == n_b > 0
+    torch.testing.assert_close(torch.tensor(loss_a), torch.tensor(loss_b), **TOL)
+    assert abs(agree_a - agree_b) < 1e-6
+    assert ga.keys() == gb.keys() and len(ga) > 3
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], **TOL, msg=name)
+
+
+def _batch_worker(rank, world_size, ckpt):
+    examples = conversations()
+    fills = [2, 1, 2, 1]
+    teacher, one_by_one, _ = build(ckpt)
+    teacher.restrict(one_by_one.module.vocab_ids)
+    single = [teacher.features(ex) for ex in examples]
+    batched = teacher.features_batch(examples)  # one padded teacher forward
+    for s, b in zip(single, batched):
+        torch.testing.assert_close(s.logits, b.logits, **TOL)
+        assert torch.equal(s.targets, b.targets) and s.draft and b.draft
+        for k in s.anchors:
+            torch.testing.assert_close(s.anchors[k], b.anchors[k], **TOL)
+    step_a = one_by_one.train_step([[f] for f in single], [[f] for f in fills]), grads(one_by_one)
+    _, padded, _ = build(ckpt)
+    step_b = padded.train_step([batched[:3], batched[3:]], [fills[:3], fills[3:]]), grads(padded)
+    assert_same_step(step_a, step_b)
+
+
+@pytest.mark.distributed
+def test_a_padded_batch_equals_the_conversations_one_by_one(tiny_models):
+    run_distributed(_batch_worker, 1, tiny_models["llama"][1], timeout_s=180)
+
+
+def _dp_worker(rank, world_size, ckpt):
+    examples = conversations()
+    lengths = [len(ex.ids) for ex in examples]
+    fills = [1, 2, 2, 1]
+    teacher, dp_trainer, dp = build(ckpt, dp=True)
+    assert dp.size == world_size == 2 and dp.rank == rank
+    teacher.restrict(dp_trainer.module.vocab_ids)
+    features = teacher.features_batch(examples)
+    mine = shard(list(range(4)), lengths, rank, world_size)
+    assert mine and len(shard(list(range(4)), lengths, 1 - rank, world_size)) == 4 - len(mine)
+    step_dp = dp_trainer.train_step([[features[i] for i in mine]], [[fills[i] for i in mine]]), grads(dp_trainer)
+    _, reference, _ = build(ckpt)  # no DP: the whole global batch on this rank
+    step_ref = reference.train_step([features], [fills]), grads(reference)
+    assert_same_step(step_dp, step_ref)
+    for p, q in zip(dp_trainer.module.parameters(), reference.module.parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+    held = dp_trainer.evaluate(features[rank::2])  # sharded evaluation = the whole held-out set
+    whole = reference.evaluate(features)
+    assert held["tokens"] == whole["tokens"]
+    torch.testing.assert_close(torch.tensor(held["kl"]), torch.tensor(whole["kl"]), **TOL)
+
+
+@pytest.mark.distributed
+def test_dp2_equals_one_process_on_the_same_global_batch(tiny_models):
+    run_distributed(_dp_worker, 2, tiny_models["llama"][1], timeout_s=180)
+
+
+def write_data(path):
+    with open(path, "w") as f:
+        for i in range(12):
+            reply = " ".join(["word"] * (3 + i % 5)) + f" number {i}"
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                             {"role": "assistant", "content": reply}]}) + "\n")
+
+
+def run_config(ckpt, data, out, steps, **train):
+    cfg = SPDConfig()
+    cfg.model.checkpoint, cfg.model.max_seq_len = str(ckpt), 96
+    cfg.parallel.timeout_s = 60
+    keys = dict(data=str(data), max_len=48, held_out=2, num_stages=2, draft_vocab_size=0, steps=steps,
+                batch_tokens=192, accumulate=2, warmup=1, eval_every=100, save_every=1, lr=2e-3, out=str(out))
+    for key, value in {**keys, **train}.items():
+        setattr(cfg.train, key, value)
+    cfg.draft.anchors = [0, 2, 4]
+    return cfg
+
+
+def _resume_worker(rank, world_size, ckpt, data, out, train):
+    from spd_megatron.draft.training.run import train_draft
+
+    train_draft(run_config(ckpt, data, out, 4, **train))
+
+
+def _final_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "latest" / "pdm.safetensors"))
+
+
+@pytest.mark.distributed
+def test_resume_at_another_world_size_continues_at_the_same_step(tiny_models, tmp_path):
+    ckpt = tiny_models["llama"][1]
+    data = tmp_path / "data.jsonl"
+    write_data(data)
+    run_distributed(_resume_worker, 1, ckpt, str(data), str(tmp_path / "one"), {}, timeout_s=240)
+    stop_after_one_step = {"time_budget_min": 1e-9}
+    run_distributed(_resume_worker, 2, ckpt, str(data), str(tmp_path / "two"), stop_after_one_step, timeout_s=240)
+    state = torch.load(tmp_path / "two" / "latest" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 1
+    run_distributed(_resume_worker, 1, ckpt, str(data), str(tmp_path / "two"), {}, timeout_s=240)
+    assert torch.load(tmp_path / "two" / "latest" / "trainer_state.pt", weights_only=False)["step"] == 4
+    one, two = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _bad_batch_worker(rank, world_size, ckpt, data, out):
+    from spd_megatron.draft.training.run import train_draft
+
+    with pytest.raises(SPDError, match="not divisible by the 2 data-parallel ranks") as err:
+        train_draft(run_config(ckpt, data, out, 1, batch_tokens=191))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.distributed
+def test_a_batch_the_world_cannot_split_fails_in_one_line_on_every_rank(tiny_models, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_data(data)
+    run_distributed(_bad_batch_worker, 2, tiny_models["llama"][1], str(data), str(tmp_path / "o"), timeout_s=120)
