@@ -125,8 +125,8 @@ class TrainConfig:
     """Also keep a deployable copy out/snapshots/step_<N> every this many steps (0 = off), e.g. for
     an acceptance-vs-training-tokens curve (tools/alpha_curve.py)."""
     time_budget_min: float = 0.0
-    """Stop (and save) after this many minutes of training in this process (0 = no limit); rerunning
-    the same command resumes for another budget."""
+    """Stop (and save) after this many minutes in this process, self-distillation generation
+    included (0 = no limit); rerunning the same command resumes for another budget."""
     out: str = "runs/pdm"
     """Output folder: latest/ (resumable), final/ (the deployable PDM), MODEL_CARD.md."""
     resume: bool = True

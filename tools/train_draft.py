@@ -8,6 +8,8 @@ train.pdm_layers=1, train.draft_vocab_size=8192, train.steps=1000, train.max_len
 train.time_budget_min=0, train.out=runs/pdm; model.checkpoint=DIR (default: the builtin model);
 parallel.layers_per_stage=[...] (the stage split the draft will run with); draft.anchors=[...].
 Resumes from train.out/latest; the deployable PDM is train.out/final (decode.py draft.path=...).
+Data parallel: torchrun --nproc-per-node N tools/train_draft.py train.batch_tokens=T ... (T tokens per
+global micro-batch, a multiple of N and at least N x train.max_len; gloo on CPU, NCCL on GPUs).
 """
 
 import os
@@ -19,7 +21,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def main(argv=None) -> int:
     import argparse
-    import logging
 
     from spd_megatron.config import load_config
     from spd_megatron.errors import SPDError
@@ -28,15 +29,20 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="default", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from spd_megatron.console import configure_output, level_from_argv
+
+    configure_output(level_from_argv(args.overrides, verbose=False))
     try:
-        from spd_megatron.draft.training.run import train_draft
+        from spd_megatron.draft.training.run import TimeBudgetReached, train_draft
         from spd_megatron.parallel.init import shutdown_parallel
 
         try:
             final = train_draft(load_config(args.config, args.overrides))
         finally:
             shutdown_parallel()
+    except TimeBudgetReached as stop:
+        print(stop)
+        return 0
     except SPDError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -39,7 +39,10 @@ def test_batched_replies_equal_greedy_decoding_and_resume_appends(tiny_models, t
     data = tmp_path / "conv.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
     out = tmp_path / "self_distill.jsonl"
-    regenerate(str(data), out, hf_dir, limit=2, batch_size=2, max_prompt=200, max_new_tokens=6)
+    assert not regenerate(str(data), out, hf_dir, limit=2, batch_size=2, max_prompt=200, max_new_tokens=6,
+                          deadline=0.0)  # the time budget is spent before the first batch
+    assert not out.exists() or out.read_text() == ""
+    assert regenerate(str(data), out, hf_dir, limit=2, batch_size=2, max_prompt=200, max_new_tokens=6)
     first = out.read_text().splitlines()
     assert len(first) == 2
     with out.open("a") as f:

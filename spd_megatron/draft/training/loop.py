@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -43,7 +44,8 @@ class Progress:
 
 
 def train_loop(trainer: PDMTrainer, teacher: Teacher, train, held, cfg: SPDConfig, out: Path,
-               resumed: dict, dp) -> dict:
+               resumed: dict, dp, deadline: Optional[float] = None) -> dict:
+    """Steps until train.steps or ``deadline`` (time.monotonic()); returns the training record."""
     t = cfg.train
     lengths = [len(ex.ids) for ex in train]
     stream = batch_stream(lengths, t.batch_tokens, t.seed)
@@ -72,8 +74,7 @@ def train_loop(trainer: PDMTrainer, teacher: Teacher, train, held, cfg: SPDConfi
             bar.write(f"step {trainer.step}: held-out {history[-1]}")
         if dp.is_main and t.snapshot_every and trainer.step % t.snapshot_every == 0:
             snapshot(trainer, out / "snapshots" / f"step_{trainer.step}", tokens_seen, elapsed)
-        session = time.perf_counter() - session_start  # the budget is per process: a rerun continues
-        out_of_time = any_rank(bool(t.time_budget_min and session > 60 * t.time_budget_min), dp)
+        out_of_time = any_rank(deadline is not None and time.monotonic() > deadline, dp)
         if dp.is_main and (trainer.step % t.save_every == 0 or out_of_time):
             trainer.save(out / "latest", {"history": history, "tokens_seen": tokens_seen, "wall_seconds": elapsed})
         if out_of_time:

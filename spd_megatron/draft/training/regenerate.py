@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -69,9 +70,10 @@ def answer_batch(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
 
 def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str = "greedy",
                batch_size: int = 16, max_prompt: int = 256, max_new_tokens: int = 256,
-               seed: int = 0) -> Path:
+               seed: int = 0, deadline: Optional[float] = None) -> bool:
     """Write (or complete) ``out_file``: one ``{"messages": [...]}`` record per prompt of at most
-    ``max_prompt`` tokens, up to ``limit`` of them (0 = all)."""
+    ``max_prompt`` tokens, up to ``limit`` of them (0 = all). Stops between batches once
+    ``time.monotonic()`` passes ``deadline``; returns whether the file is complete."""
     from tqdm.auto import tqdm
 
     model, tokenizer = load_hf_target(hf_dir)
@@ -82,6 +84,9 @@ def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str 
     bar = tqdm(total=len(prompts), initial=done, desc=f"self-distill ({mode})", unit="conv")
     with out_file.open("a") as f:
         for i in range(0, len(todo), batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                bar.close()
+                return False
             batch = todo[i:i + batch_size]
             replies = answer_batch(model, tokenizer, batch, max_new_tokens, mode, seed + done + i)
             for prompt, reply in zip(batch, replies):
@@ -89,7 +94,7 @@ def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str 
             f.flush()
             bar.update(len(batch))
     bar.close()
-    return out_file
+    return True
 
 
 def _count_lines(path: Path) -> int:
