@@ -18,6 +18,7 @@ import torch
 from spd_megatron.config import SPDConfig
 from spd_megatron.draft.pdm import save_pdm
 from spd_megatron.draft.training.batches import batch_stream, shard, step_batches
+from spd_megatron.draft.training.feature_cache import FeatureSource
 from spd_megatron.draft.training.trainer import PDMTrainer, Teacher
 
 
@@ -44,9 +45,10 @@ class Progress:
 
 
 def train_loop(trainer: PDMTrainer, teacher: Teacher, train, held, cfg: SPDConfig, out: Path,
-               resumed: dict, dp, deadline: Optional[float] = None) -> dict:
+               resumed: dict, dp, deadline: Optional[float] = None, source=None) -> dict:
     """Steps until train.steps or ``deadline`` (time.monotonic()); returns the training record."""
     t = cfg.train
+    source = source or FeatureSource(teacher, train)  # indices -> features (online or cached)
     lengths = [len(ex.ids) for ex in train]
     stream = batch_stream(lengths, t.batch_tokens, t.seed)
     for _ in range(trainer.step * t.accumulate):  # what the resumed steps consumed
@@ -61,7 +63,7 @@ def train_loop(trainer: PDMTrainer, teacher: Teacher, train, held, cfg: SPDConfi
         fills = [[trainer.draw_fill() for _ in b] for b in global_batches]  # same draws on every rank
         mine = [shard(b, lengths, dp.rank, dp.size) for b in global_batches]
         my_fills = [[f for i, f in zip(b, fl) if i in set(m)] for b, fl, m in zip(global_batches, fills, mine)]
-        features = [teacher.features_batch([train[i] for i in m]) for m in mine]
+        features = [source(m) for m in mine]
         loss, agree, _ = trainer.train_step(features, my_fills)
         step_tokens = sum(lengths[i] for b in global_batches for i in b)
         tokens_seen, session_tokens = tokens_seen + step_tokens, session_tokens + step_tokens

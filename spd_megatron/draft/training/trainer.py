@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from spd_megatron.draft.pdm import PipelineDraftModule, load_pdm_weights, save_pdm
 from spd_megatron.draft.training.data import Example
+from spd_megatron.draft.training.feature_cache import TopK, topk_kl_sum
 from spd_megatron.draft.training.mask import attention_mask, block_positions, block_types, depth_types
 from spd_megatron.draft.training.vocab import draft_index
 
@@ -36,6 +37,7 @@ class Batch:
     logits: Tensor  # teacher logits [S, V], or [S, V_d] when ``draft``
     targets: Tensor  # [S] bool: position t trains (token t+1 is an assistant token)
     draft: bool = False  # logits already over the draft vocabulary, targets already inside it
+    top: Optional[TopK] = None  # cached teacher top-k (feature_cache.py); then ``logits`` is None
 
 
 class Teacher:
@@ -221,6 +223,9 @@ class PDMTrainer:
         seq_len = max(b.targets.shape[0] for b in batches)
         valid = torch.stack([F.pad(v, (0, seq_len - v.shape[0])) for v in valids]).to(self.device)  # [B, S]
         student = self.net(pad_anchors(batches, self.device), fills, valid)  # [N, V_d]
+        if batches[0].top is not None:  # cached features: the KL on the kept mass
+            rows = [b.top.rows(v) for b, v in zip(batches, valids)]
+            return topk_kl_sum(TopK(torch.cat([r.logp for r in rows]), torch.cat([r.index for r in rows])), student)
         teacher = torch.cat([self.teacher_logits(b, v) for b, v in zip(batches, valids)])  # [N, V_d]
         return self._kl_sum(teacher, student)
 
