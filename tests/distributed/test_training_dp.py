@@ -223,3 +223,29 @@ def test_a_cached_run_trains_and_resumes(tiny_models, tmp_path):
     assert 0 < len(files) <= 10  # one per training conversation seen (10 train, 2 held out)
     record = json.loads((tmp_path / "run" / "final" / "training.json").read_text())
     assert record["steps"] == 4 and record["history"][-1]["tokens"] > 0
+
+
+def _init_worker(rank, world_size, ckpt):
+    from spd_megatron.draft.training.trainer import apply_init
+
+    examples = conversations()
+    teacher, trainer, _ = build(ckpt)
+    module = trainer.module
+    apply_init(module, "early_exit", freeze_head=True)
+    trainer = PDMTrainer(module, lr=1e-2, warmup=1, total_steps=10)
+    batch = teacher.features(examples[1])
+    with torch.no_grad():
+        got = trainer.forward(batch, 2)  # [S, V_d]
+        exit_now = module.logits(batch.anchors[0])  # the head on the newest row's own features
+    torch.testing.assert_close(got, exit_now, **TOL)
+    head = module.head.weight.clone()
+    proj = module.projections["0"].weight.clone()
+    trainer.train_step(batch)
+    assert torch.equal(module.head.weight, head) and not torch.equal(module.projections["0"].weight, proj)
+    with pytest.raises(SPDError, match="train.init=warm is unknown"):
+        apply_init(module, "warm", freeze_head=False)
+
+
+@pytest.mark.distributed
+def test_early_exit_init_and_a_frozen_head(tiny_models):
+    run_distributed(_init_worker, 1, tiny_models["llama"][1], timeout_s=120)

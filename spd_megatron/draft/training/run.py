@@ -16,7 +16,7 @@ from spd_megatron.draft.pdm import PDMConfig, PipelineDraftModule, init_from_tar
 from spd_megatron.draft.training.data import DataStats, load_examples, split_examples
 from spd_megatron.draft.training.batches import check_batch_tokens
 from spd_megatron.draft.training.loop import train_loop
-from spd_megatron.draft.training.trainer import PDMTrainer, Teacher
+from spd_megatron.draft.training.trainer import PDMTrainer, Teacher, apply_init
 from spd_megatron.draft.training.vocab import build_draft_vocab
 from spd_megatron.errors import SPDError
 from spd_megatron.parallel.layout import split_layers
@@ -69,6 +69,7 @@ def train_draft(cfg: SPDConfig) -> Path:
     module = PipelineDraftModule(pdm_cfg, arch, dtype="float32", max_seq_len=cfg.model.max_seq_len)
     with torch.no_grad():
         init_from_target(module, ckpt)
+    apply_init(module, t.init, t.freeze_head)
     if vocab_ids:
         teacher.restrict(module.vocab_ids)
     trainer = PDMTrainer(module, t.lr, t.warmup, t.steps, t.seed, dp=dp)

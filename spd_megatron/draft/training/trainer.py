@@ -126,6 +126,32 @@ class BlockForward(nn.Module):
         return self._masks[key]
 
 
+INITS = ("spec", "early_exit")
+
+
+def apply_init(module: PipelineDraftModule, init: str, freeze_head: bool) -> None:
+    """Study options (issue 12 item 6) on a PDM fresh from ``init_from_target``.
+
+    ``early_exit``: every projection passes its deepest anchor through (W_i = [0 .. 0 I]) and each
+    PDM layer starts as the identity (attention and MLP output projections zero), so the first
+    prediction is the target's head on the newest row's features. ``freeze_head``: the head stays
+    the target's own output rows (as EAGLE keeps the LM head).
+    """
+    from spd_megatron.errors import SPDError
+
+    if init not in INITS:
+        raise SPDError(f"train.init={init} is unknown; use one of {', '.join(INITS)}")
+    if init == "early_exit":
+        with torch.no_grad():
+            for proj in module.projections.values():
+                hidden = proj.weight.shape[0]
+                proj.weight.zero_()[:, -hidden:] = torch.eye(hidden)
+            for layer in module.layers.decoder.layers:
+                layer.self_attention.linear_proj.weight.zero_()
+                layer.mlp.linear_fc2.weight.zero_()
+    module.head.weight.requires_grad_(not freeze_head)
+
+
 def pad_anchors(batches: list[Batch], device) -> dict[int, Tensor]:
     """{k: [B, S, h]} zero-padded to the longest conversation."""
     seq_len = max(b.targets.shape[0] for b in batches)
