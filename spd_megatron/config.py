@@ -33,7 +33,9 @@ class ModelConfig:
     max_seq_len: int = 2048
     """KV cache length per stage: prompt + new tokens must fit."""
     layer_spec: str = "auto"
-    """auto (transformer_engine on GPU when it imports, else local), local, transformer_engine."""
+    """auto (transformer_engine on GPU when it imports, else lean), lean (Megatron's local modules
+    with short inference forwards: SDPA with native GQA, plain F.linear at TP=1; target/lean.py),
+    local (Megatron's local spec as is), transformer_engine."""
     fp8: bool = False
     """FP8 through Transformer Engine's fp8_autocast (GPU + transformer_engine only; recipe in
     spd_megatron/target/fp8.py: DelayedScaling, HYBRID format). Off: model.dtype (bf16 on GPUs)."""
@@ -118,23 +120,6 @@ class TrainConfig:
     regenerate_max_new_tokens: int = 256
     regenerate_batch: int = 16
     lr: float = 5e-4
-    feature_cache: str = ""
-    """Folder for the teacher's features of every training conversation (anchors + top-k draft
-    log-probabilities), written on first use so later epochs run only the PDM; the loss is then
-    the KL on the kept mass. Empty: online features, exact KL."""
-    feature_top_k: int = 64
-    """Teacher tokens per position kept in the feature cache (the rest is one bucket)."""
-    init: str = "spec"
-    """PDM start: spec (projections N(0, 0.02), fresh layers) or early_exit (projections pass the
-    deepest anchor through, layers start as the identity)."""
-    freeze_head: bool = False
-    """Keep the draft head equal to the target's output rows (not trained)."""
-    feature_cache: str = ""
-    """Folder for the teacher's features of every training conversation (anchors + top-k draft
-    log-probabilities), written on first use so later epochs run only the PDM; the loss is then
-    the KL on the kept mass. Empty: online features, exact KL."""
-    feature_top_k: int = 64
-    """Teacher tokens per position kept in the feature cache (the rest is one bucket)."""
     warmup: int = 50
     eval_every: int = 100
     save_every: int = 50
@@ -277,9 +262,9 @@ def validate_config(cfg: SPDConfig) -> None:
     checks = [
         (cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype} must be one of {DTYPES}"),
         (cfg.model.max_seq_len > 0, "model.max_seq_len must be > 0"),
-        (cfg.model.layer_spec in ("auto", "local", "transformer_engine"),
-         f"model.layer_spec={cfg.model.layer_spec} must be auto, local or transformer_engine"),
-        (not (cfg.model.fp8 and cfg.model.layer_spec == "local"),
+        (cfg.model.layer_spec in ("auto", "lean", "local", "transformer_engine"),
+         f"model.layer_spec={cfg.model.layer_spec} must be auto, lean, local or transformer_engine"),
+        (not (cfg.model.fp8 and cfg.model.layer_spec in ("lean", "local")),
          "model.fp8=true needs the transformer_engine layer spec; set model.layer_spec=auto"),
         (not (cfg.model.cuda_graphs and cfg.model.fp8),
          "model.cuda_graphs=true does not work with model.fp8=true yet (TE's FP8 scaling state "

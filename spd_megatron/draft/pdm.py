@@ -65,7 +65,7 @@ class PipelineDraftModule(nn.Module):
             str(i): nn.Linear((i + 1) * hidden, hidden, bias=False) for i in cfg.types()})
         layer_arch = dataclasses.replace(arch, num_layers=cfg.num_layers, sliding_window=None)
         placement = StagePlacement(0, 1, tp_rank, tp_size, (cfg.num_layers,))
-        self.layers = build_stage_model(layer_arch, placement, dtype, "local", max_seq_len,
+        self.layers = build_stage_model(layer_arch, placement, dtype, "lean", max_seq_len,
                                         pre_process=False, post_process=False, initialize=True,
                                         pg_collection=pg_collection, static_decode=True)
         self.final_norm = nn.RMSNorm(hidden, eps=arch.rms_norm_eps)

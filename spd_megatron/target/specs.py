@@ -29,9 +29,12 @@ def transformer_engine_available() -> bool:
 
 
 def resolve_layer_spec_name(requested: str) -> str:
-    """Map model.layer_spec (auto | local | transformer_engine) to the spec that will be built."""
+    """Map model.layer_spec (auto | lean | local | transformer_engine) to the spec that will be built.
+
+    auto: Transformer Engine where it imports (GPU), else the lean spec (``target/lean.py``).
+    """
     if requested == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
+        return "transformer_engine" if transformer_engine_available() else "lean"
     if requested == "transformer_engine" and not transformer_engine_available():
         raise SPDError(
             "model.layer_spec=transformer_engine needs a CUDA GPU with Transformer Engine installed; "
@@ -43,6 +46,8 @@ def resolve_layer_spec_name(requested: str) -> str:
 def build_layer_spec(name: str, qk_layernorm: bool, static_decode: bool = False):
     """The decoder-layer ModuleSpec for a resolved spec name.
 
+    ``lean``: Megatron's local modules with short inference forwards (``target/lean.py``); its
+    attention takes ``static_position`` itself, so ``static_decode`` changes nothing there.
     The TE spec's core attention is swapped for ``MaskAwareTEDotProductAttention`` (our explicit
     masks must reach TE). ``static_decode`` swaps in the self-attention that CUDA graphs need
     (``target/cuda_graphs.py``); it changes nothing until a graph step asks for it.
@@ -52,6 +57,10 @@ def build_layer_spec(name: str, qk_layernorm: bool, static_decode: bool = False)
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    if name == "lean":
+        from spd_megatron.target.lean import lean_layer_spec
+
+        return lean_layer_spec(qk_layernorm)
     if name == "transformer_engine":
         from spd_megatron.target.te_attention import mask_aware_te_attention
 

@@ -30,8 +30,8 @@ def test_fp8_needs_the_te_spec_which_cpu_never_resolves():
     from spd_megatron.engine import check_fp8_spec
 
     cfg = load_config(None, ["model.fp8=true"])  # layer_spec=auto
-    assert resolve_layer_spec_name("auto") == "local"
-    with pytest.raises(SPDError, match="resolved to local"):
+    assert resolve_layer_spec_name("auto") == "lean"
+    with pytest.raises(SPDError, match="resolved to lean"):
         check_fp8_spec(cfg, resolve_layer_spec_name(cfg.model.layer_spec))
     with pytest.raises(SPDError, match="needs a CUDA GPU with Transformer Engine"):
         resolve_layer_spec_name("transformer_engine")
