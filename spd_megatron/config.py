@@ -120,6 +120,23 @@ class TrainConfig:
     regenerate_max_new_tokens: int = 256
     regenerate_batch: int = 16
     lr: float = 5e-4
+    feature_cache: str = ""
+    """Folder for the teacher's features of every training conversation (anchors + top-k draft
+    log-probabilities), written on first use so later epochs run only the PDM; the loss is then
+    the KL on the kept mass. Empty: online features, exact KL."""
+    feature_top_k: int = 64
+    """Teacher tokens per position kept in the feature cache (the rest is one bucket)."""
+    init: str = "spec"
+    """PDM start: spec (projections N(0, 0.02), fresh layers) or early_exit (projections pass the
+    deepest anchor through, layers start as the identity)."""
+    freeze_head: bool = False
+    """Keep the draft head equal to the target's output rows (not trained)."""
+    feature_cache: str = ""
+    """Folder for the teacher's features of every training conversation (anchors + top-k draft
+    log-probabilities), written on first use so later epochs run only the PDM; the loss is then
+    the KL on the kept mass. Empty: online features, exact KL."""
+    feature_top_k: int = 64
+    """Teacher tokens per position kept in the feature cache (the rest is one bucket)."""
     warmup: int = 50
     eval_every: int = 100
     save_every: int = 50
