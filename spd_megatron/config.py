@@ -173,6 +173,24 @@ class ReportConfig:
     """Print the text on rank 0 as it is generated."""
 
 
+@dataclass
+class ServeConfig:
+    """python -m spd_megatron.serve: the OpenAI-compatible HTTP server on rank 0."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface; then set api_key)."""
+    port: int = 8000
+    """TCP port of the HTTP server."""
+    max_queue: int = 16
+    """Requests waiting behind the running one; one more is answered 429 at once."""
+    api_key: str = ""
+    """Bearer token the /v1 endpoints require (Authorization: Bearer KEY). Empty: none."""
+    request_timeout_s: float = 600.0
+    """Longest a request may take, queue wait included; then it is cancelled and answered 504."""
+    model_name: str = ""
+    """The model id clients name in requests and /v1/models lists. Empty: the checkpoint folder's name."""
+
+
 EVAL_BASELINES = ("ar_pp1", "ar_same_pp", "hf_generate", "hf_prompt_lookup")
 EVAL_RUNNERS = ("schedule", "hf_generate", "hf_prompt_lookup")
 
@@ -217,6 +235,7 @@ class SPDConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     prompt: str = ""
     """One user message (wrapped in the model's chat template)."""
     prompts_file: str = ""
@@ -314,6 +333,9 @@ def validate_config(cfg: SPDConfig) -> None:
         (cfg.draft.placement in ("colocated", "dedicated"),
          f"draft.placement={cfg.draft.placement} must be colocated or dedicated"),
         (cfg.draft.num_layers >= 1, "draft.num_layers must be >= 1"),
+        (0 <= cfg.serve.port < 65536, f"serve.port={cfg.serve.port} must be in [0, 65535]"),
+        (cfg.serve.max_queue >= 0 and cfg.serve.request_timeout_s > 0,
+         "serve.max_queue must be >= 0 and serve.request_timeout_s > 0"),
         (cfg.train.accumulate >= 1, "train.accumulate must be >= 1"),
         (cfg.train.regenerate in ("none", "greedy", "sample"),
          f"train.regenerate={cfg.train.regenerate} must be none, greedy or sample"),

@@ -55,6 +55,9 @@ class Op(IntEnum):
     SEQUENCE = 7  # stage 0 -> dedicated draft rank: a new prompt of `count` tokens follows
     ROWS = 8  # stage 0 -> dedicated draft rank: this cycle's rows (`token` = rollback position)
     PROPOSAL = 9  # dedicated draft rank -> stage 0: the draft token in `token`
+    REQUEST = 10  # serving rank 0 -> every rank: a sequence to decode (spd_megatron/serve/wire.py)
+    IDLE = 11  # serving rank 0 -> every rank: no work yet (a heartbeat: see ``wait_for_work``)
+    SHUTDOWN = 12  # serving rank 0 -> every rank: leave the serving loop
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,22 @@ class StageLink:
 
     def recv_from_last(self) -> Header:
         return self.recv_header(self.last_rank)
+
+    def wait_for_work(self, src: int, is_cancelled) -> Optional[Header]:
+        """An idle serving rank: the next REQUEST or SHUTDOWN header from ``src``, however late.
+
+        No overall timeout, yet every single wait has one: while ``src`` has no work it sends an
+        IDLE header at least every ``timeout_s / 4`` (spd_megatron/serve), so a dead or stuck
+        ``src`` still ends this rank within ``timeout_s``. (A gloo wait cannot be retried after
+        it timed out, and a receive cannot be polled: ``is_completed`` stays False until
+        ``wait``.) ``is_cancelled()`` is checked at each IDLE; True returns None.
+        """
+        while True:
+            header = self.recv_header(src)
+            if header.op != Op.IDLE:
+                return header
+            if is_cancelled():
+                return None
 
     def _wait_payload(self, work, what: str, peer: Optional[int]) -> None:
         """A payload receive: stream-ordered on NCCL when its header came over the control channel.

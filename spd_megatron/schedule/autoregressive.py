@@ -77,6 +77,8 @@ class AutoregressiveSchedule(SpeculativeSchedule):
         if header.op == Op.STOP:
             self._pass_stop()
             state.finished = True
+            if self.is_last:  # it takes a normal STOP in finish: this one means stage 0 cancelled
+                state.stop_reason = "cancelled"
             return None
         return self.forward_and_pass(header, hidden=self.link.recv_hidden(header.count))
 
@@ -121,7 +123,10 @@ class AutoregressiveSchedule(SpeculativeSchedule):
             self.link.send_next(Header(Op.STOP))
 
     def finish(self, state: DecodeState) -> None:
-        if self.is_last and not self.is_first:
+        cancelled = state.stop_reason == "cancelled"  # no final token: STOP goes out (or came) here
+        if self.is_first and cancelled and self.link is not None:
+            self._pass_stop()
+        if self.is_last and not self.is_first and not cancelled:
             header = self.link.recv_prev()
             if header.op != Op.STOP:
                 raise RuntimeError(f"autoregressive protocol: expected STOP after the final token, got {header.op.name}")

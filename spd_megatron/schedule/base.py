@@ -101,8 +101,14 @@ class SpeculativeSchedule(ABC):
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids=(),
-                 on_token: Optional[TokenCallback] = None) -> GenerationResult:
-        """Decode up to ``max_new_tokens`` tokens after ``prompt_ids`` (call on every rank)."""
+                 on_token: Optional[TokenCallback] = None,
+                 should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+        """Decode up to ``max_new_tokens`` tokens after ``prompt_ids`` (call on every rank).
+
+        ``should_stop``: stage 0 only (TP = 1: stage 0's TP peers would not see it), asked before
+        every cycle; True ends the sequence there (stop reason "cancelled"), and ``finish`` tells
+        the other ranks the way a normal end does.
+        """
         self._check_fits(len(prompt_ids), max_new_tokens)
         self.stats, self.on_token = DecodeStats(prompt_tokens=len(prompt_ids)), on_token
         self.stats.start()
@@ -112,6 +118,9 @@ class SpeculativeSchedule(ABC):
         self.stats.stage_compute_seconds = 0.0  # decode only, like every other timer
         wait_start = self.link.wait_seconds if self.link is not None else 0.0
         while not state.finished:
+            if should_stop is not None and should_stop():
+                state.finished, state.stop_reason = True, "cancelled"
+                break
             proposal = self.propose(state)
             out = self.advance(state, proposal)
             verdict = self.verify(state, out, proposal)
