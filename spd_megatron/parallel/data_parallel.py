@@ -26,10 +26,12 @@ class DataParallel:
     rank: int
     size: int
     group: object
+    model_rank: int = 0  # rank inside the replica (TP)
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        """The one rank that writes files and prints progress."""
+        return self.rank == 0 and self.model_rank == 0
 
 
 def init_data_parallel(cfg: ParallelConfig) -> tuple[ParallelContext, DataParallel]:
@@ -65,4 +67,4 @@ def init_data_parallel(cfg: ParallelConfig) -> tuple[ParallelContext, DataParall
     )
     size = env.world_size // layout.world_size
     group = parallel_state.get_data_parallel_group() if size > 1 else None
-    return ctx, DataParallel(env.rank // layout.world_size, size, group)
+    return ctx, DataParallel(env.rank // layout.world_size, size, group, ctx.rank)

@@ -249,3 +249,25 @@ def _init_worker(rank, world_size, ckpt):
 @pytest.mark.distributed
 def test_early_exit_init_and_a_frozen_head(tiny_models):
     run_distributed(_init_worker, 1, tiny_models["llama"][1], timeout_s=120)
+
+
+def _tp_features_worker(rank, world_size, ckpt, out):
+    cfg = tiny_config(ckpt, tp=world_size, pp=1)
+    ctx, dp = init_data_parallel(cfg.parallel)
+    assert ctx.tp_size == world_size and dp.size == 1 and dp.is_main == (rank == 0)
+    teacher = Teacher(build_stage(cfg, ctx, ckpt, read_arch(ckpt)), [0, 2, 4])
+    features = teacher.features_batch(conversations())
+    if world_size == 1:
+        torch.save([(b.anchors, b.logits) for b in features], out)
+        return
+    for (anchors, logits), b in zip(torch.load(out), features):
+        torch.testing.assert_close(b.logits, logits, rtol=1e-4, atol=1e-4)
+        for k in anchors:
+            torch.testing.assert_close(b.anchors[k], anchors[k], rtol=1e-4, atol=1e-4)  # fp32, other sum order
+
+
+@pytest.mark.distributed
+def test_a_tp2_teacher_gives_the_tp1_features(tiny_models, tmp_path):
+    ckpt, out = tiny_models["llama"][1], str(tmp_path / "tp1.pt")
+    run_distributed(_tp_features_worker, 1, ckpt, out, timeout_s=120)
+    run_distributed(_tp_features_worker, 2, ckpt, out, timeout_s=120)
