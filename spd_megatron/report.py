@@ -116,7 +116,7 @@ def stats_table(results: list[dict], title: str, compact: bool):
     if compact:
         columns = [(_COMPACT[key], key, fmt) for _, key, fmt in columns if key in _COMPACT]
     table = Table(title=title, box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
-                  caption="seconds; every number is in report.json" if compact else None)
+                  caption="times in seconds; every column: report.json=PATH" if compact else None)
     table.add_column("#", justify="right")
     for header, _, _ in columns:
         table.add_column(header, justify="right")

@@ -107,13 +107,13 @@ def _first_use_progress(name: str, out: Path, first_step: str) -> Iterator[Calla
 
     console = Console(stderr=True)
     console.print(f"first use: converting {name} into {out} (about a minute; later runs reuse it)",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     start = time.monotonic()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with _hf_progress_bars_off(), Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(first_step, total=None)
         yield lambda text: progress.update(task, description=text)
-    console.print(f"first use: {name} ready in {time.monotonic() - start:.0f} s", highlight=False)
+    console.print(f"first use: {name} ready in {time.monotonic() - start:.0f} s", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
