@@ -48,8 +48,7 @@ def resolve_checkpoint(cfg: SPDConfig) -> Path:
         return Path(cfg.model.checkpoint)
     from spd_megatron.convert.builtin import ensure_builtin_checkpoint
 
-    return ensure_builtin_checkpoint(cfg.model.builtin, cfg.model.dtype, cfg.model.cache_dir,
-                                     wait_s=cfg.parallel.setup_timeout_s)
+    return ensure_builtin_checkpoint(cfg.model.builtin, cfg.model.dtype, cfg.model.cache_dir)
 
 
 def build_placement(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StagePlacement:
@@ -67,6 +66,10 @@ def build_stage(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: ArchSpec
     check_fp8_spec(cfg, spec)
     model = build_stage_model(arch, placement, cfg.model.dtype, spec, cfg.model.max_seq_len,
                               fp8=cfg.model.fp8, static_decode=cfg.model.cuda_graphs).to(ctx.device)
+    if spec == "transformer_engine":  # the window becomes TE's window_size (target/te_attention.py)
+        from spd_megatron.target.te_attention import set_sliding_window
+
+        set_sliding_window(model, arch.sliding_window)
     with torch.no_grad():
         load_stage_weights(ckpt, model, arch, placement.layer_start, ctx.tp_rank, ctx.tp_size)
     stage = TargetStage(model, arch, placement, cfg.model.max_seq_len, device=ctx.device)
@@ -88,15 +91,11 @@ def p2p_backend(ctx: ParallelContext) -> str:
 
 
 def enable_gpu_paths(cfg: SPDConfig, ctx: ParallelContext, stage: TargetStage) -> None:
-    """FP8 weight calibration and CUDA-graph decode steps, when configured (GPU only)."""
-    if cfg.model.fp8:
-        from spd_megatron.target.fp8 import calibrate_fp8
-
-        calibrate_fp8(stage)
+    """CUDA-graph decode steps, when configured (GPU only; FP8 current scaling needs no calibration)."""
     if cfg.model.cuda_graphs:
         from spd_megatron.target.cuda_graphs import make_decode_graphs
 
-        stage.decode_graphs = make_decode_graphs(stage, ctx.tp_size, p2p_backend(ctx))
+        stage.decode_graphs = make_decode_graphs(stage, ctx.tp_size, p2p_backend(ctx), ctx.tp_group)
 
 
 def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLink | None:
@@ -107,7 +106,8 @@ def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLin
     stage_ranks = [ctx.stage_rank(s) for s in range(ctx.pp_size)]
     return StageLink(ctx.rank, prev_rank, next_rank, stage_ranks[0], stage_ranks[-1],
                      arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks,
-                     device=ctx.comm_device, control_group=ctx.claim_control_group())
+                     device=ctx.comm_device, control_group=ctx.claim_control_group(),
+                     reverse_group=ctx.reverse_group, cpu_peers=ctx.cpu_peers)
 
 
 def pdm_config(cfg: SPDConfig, arch: ArchSpec, split: list[int]):
@@ -120,7 +120,6 @@ def pdm_config(cfg: SPDConfig, arch: ArchSpec, split: list[int]):
         pdm_cfg = read_pdm_config(path)
         check_pdm_matches(pdm_cfg, arch, split)
         return pdm_cfg
-    check_random_draft_allowed(cfg, split)
     anchors = check_anchors(cfg.draft.anchors or default_anchors(split), arch.num_layers)
     return PDMConfig(split, anchors, cfg.draft.num_layers, target=arch.to_dict())
 
@@ -139,30 +138,6 @@ def draft_path(cfg: SPDConfig, split: list[int]) -> str:
     return ""
 
 
-def shipped_splits(builtin: str) -> list[list[int]]:
-    """The stage layouts of the drafts shipped for a builtin model, fewest stages first."""
-    configs = (SHIPPED_DRAFTS / builtin).glob("n*/pdm_config.json")
-    return sorted((json.loads(f.read_text())["split"] for f in configs), key=len)
-
-
-def check_random_draft_allowed(cfg: SPDConfig, split: list[int]) -> None:
-    """No trained draft fits: refuse a random PDM (acceptance ~0) unless draft.allow_random."""
-    if cfg.draft.allow_random:
-        log.info("SPD with a randomly initialised draft (draft.allow_random=true)")
-        return
-    n, layout = len(split), "[" + ",".join(map(str, split)) + "]"
-    shipped = [] if cfg.model.checkpoint else shipped_splits(cfg.model.builtin)
-    have = (f"drafts ship for {cfg.model.builtin} with " + " and ".join(
-        f"n={len(s)} (layers_per_stage=[{','.join(map(str, s))}], balanced)" for s in shipped)) if shipped \
-        else "no draft ships for model.checkpoint"
-    model = f" model.checkpoint={cfg.model.checkpoint}" if cfg.model.checkpoint else ""
-    raise SPDError(f"schedule.name=spd has no trained draft for {n} stages, layers_per_stage={layout}: {have}. "
-                   f"Train one (python tools/train_draft.py{model} train.num_stages={n} "
-                   f"parallel.layers_per_stage={layout} train.out=runs/pdm_n{n}) and pass "
-                   f"draft.path=runs/pdm_n{n}/final, or pass draft.allow_random=true to run a random "
-                   "draft (acceptance ~0: slower than autoregressive)")
-
-
 def build_draft(cfg: SPDConfig, ckpt: Path, stage: TargetStage, ctx: ParallelContext):
     """The anchors on every rank (for the taps); the PDM itself on stage 0 when co-located."""
     pdm_cfg = pdm_config(cfg, stage.arch, list(stage.placement.layers_per_stage))
@@ -179,7 +154,8 @@ def pdm_draft(cfg: SPDConfig, module, ctx: ParallelContext):
     if cfg.draft.cuda_graphs:
         from spd_megatron.draft.cuda_graphs import make_pdm_graphs
 
-        graphs = make_pdm_graphs(module, 1 if ctx.is_draft_rank else ctx.tp_size, p2p_backend(ctx))
+        graphs = make_pdm_graphs(module, 1 if ctx.is_draft_rank else ctx.tp_size, p2p_backend(ctx),
+                                 None if ctx.is_draft_rank else ctx.tp_group)
     return PDMDraft(module, graphs)
 
 
@@ -218,11 +194,6 @@ def build_schedule(cfg: SPDConfig, stage: TargetStage, link: StageLink | None,
 def load_tokenizer(ckpt: Path):
     from transformers import AutoTokenizer
 
-    from spd_megatron.convert.sources import has_tokenizer_files
-
-    if not has_tokenizer_files(ckpt):
-        raise SPDError(f"checkpoint {ckpt} has no tokenizer files: copy the model's tokenizer.json and "
-                       "tokenizer_config.json into it, or re-convert from a folder that has them")
     return AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
 
 
@@ -243,7 +214,8 @@ def build_draft_server(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: A
     stage_ranks = [ctx.layout.rank_of(s, 0) for s in range(ctx.pp_size)]
     link = StageLink(ctx.rank, None, None, stage_ranks[0], stage_ranks[-1], arch.hidden_size,
                      TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks,
-                     device=ctx.comm_device, control_group=ctx.claim_control_group())
+                     device=ctx.comm_device, control_group=ctx.claim_control_group(),
+                     reverse_group=ctx.reverse_group, cpu_peers=ctx.cpu_peers)
     report = [stage_anchors(s, pdm_cfg.anchors, split) for s in range(ctx.pp_size)]
     remote = {s: stage_ranks[s] for s in range(ctx.pp_size) if report[s]}
     host = DraftHost(draft, link, report, remote, ctx.pp_size, arch.hidden_size, link.dtype)

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from spd_megatron.target.cuda_graphs import (
+    agree_across,
+    alone,
     capture_checked,
     static_decode_mask,
     why_no_graphs,
@@ -52,6 +54,7 @@ class PDMGraphs:
         self.pool = None
         self.disabled: Optional[str] = None
         self._cache_zeroed = False
+        self.agree = alone  # TP ranks agree on graphs vs eager (make_pdm_graphs sets it)
 
     def step(self, rows: Tensor, start: int) -> Optional[Tensor]:
         """Rows [R, 1, h] at [start, start + R) -> the newest row's logits [V_d], or None (eager)."""
@@ -101,7 +104,7 @@ class PDMGraphs:
         captured = self.graphs.get(count)
         if captured is None:
             try:
-                graph, logits = capture_checked(lambda: self._static_forward(count), self.pool)
+                graph, logits = capture_checked(lambda: self._static_forward(count), self.pool, self.agree)
             except Exception as err:  # noqa: BLE001 - any failure: run eagerly instead
                 self.disable(f"capture of the {count}-row step failed "
                              f"({type(err).__name__}: {str(err).splitlines()[0][:160]})")
@@ -113,10 +116,15 @@ class PDMGraphs:
         return logits.clone()  # the next replay overwrites the graph's own output
 
 
-def make_pdm_graphs(module, tp_size: int, backend: str) -> Optional[PDMGraphs]:
-    """PDMGraphs for a PDM on a GPU, or None (with one warning) where graphs cannot work."""
+def make_pdm_graphs(module, tp_size: int, backend: str, tp_group=None) -> Optional[PDMGraphs]:
+    """PDMGraphs for a PDM on a GPU, or None (with one warning) where graphs cannot work.
+
+    ``tp_group``: the PDM's TP group, whose ranks agree on graphs versus eager steps.
+    """
     reason = why_no_graphs(module.head.weight.device, tp_size, backend)
     if reason:
         log.warning("draft.cuda_graphs: %s; the PDM runs eagerly", reason)
         return None
-    return PDMGraphs(module, capture=True)
+    graphs = PDMGraphs(module, capture=True)
+    graphs.agree = agree_across(tp_group if tp_size > 1 else None, module.head.weight.device)
+    return graphs

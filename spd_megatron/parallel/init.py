@@ -67,6 +67,8 @@ class ParallelContext:
     draft_groups: Optional[object] = None  # megatron ProcessGroupCollection of the draft rank alone
     comm_device: torch.device = torch.device("cpu")  # where p2p messages live: GPU (NCCL) or CPU (gloo)
     control_group: Optional[object] = None  # gloo group of every rank for message headers, or None
+    reverse_group: Optional[object] = None  # every rank: messages to lower ranks (link.py), or None
+    cpu_peers: frozenset = frozenset()  # ranks whose messages to/from this rank live in host memory
 
     def claim_control_group(self):
         """The header group for this rank's one StageLink; None to any later caller.
@@ -145,31 +147,54 @@ def local_world_size(environ: Optional[dict] = None) -> int:
     return 0
 
 
-def pick_backend(requested: str, cuda: bool, gpus: int, local_procs: int) -> str:
+MIXED_BACKEND = "cpu:gloo,cuda:nccl"  # CUDA tensors over NCCL, host tensors over gloo
+
+
+def pick_backend(requested: str, cuda: bool, gpus: int, local_procs: int, extra_ranks: int = 0) -> str:
     """The torch.distributed backend for ``parallel.backend`` on this node.
 
-    auto: NCCL when every local process has a GPU of its own; gloo on CPU, and when processes
-    share GPUs (NCCL refuses two ranks on one GPU; gloo stages p2p tensors through host memory).
+    auto: NCCL when every local model process has a GPU of its own; gloo on CPU, and when model
+    processes share GPUs (NCCL refuses two ranks on one GPU; gloo stages tensors through host
+    memory). With a dedicated draft rank (``extra_ranks``) the default group is ``cpu:gloo,cuda:nccl``
+    on every node: model ranks keep NCCL among themselves (TP collectives, ring), and every message
+    to or from the draft rank lives in host memory (gloo), so the draft rank may share a GPU: on a
+    full node (TP x PP + 1 processes on TP x PP GPUs) it runs on GPU ``local_rank % gpus``, stage
+    0's GPU on one node. The choice depends on the placement, never on which node asks, so every
+    node agrees.
     """
+    model_procs = max(local_procs - extra_ranks, 0)  # 0: the launcher did not say
     if requested == "auto":
         if not cuda:
             return "gloo"
-        if local_procs > gpus:
-            log.warning("%d processes share %d GPU(s): NCCL needs one GPU per rank, using gloo",
-                        local_procs, gpus)
+        if model_procs > gpus:
+            log.warning("%d model processes share %d GPU(s): NCCL needs one GPU per rank, using gloo",
+                        model_procs, gpus)
             return "gloo"
-        return "nccl"
+        return MIXED_BACKEND if extra_ranks else "nccl"
     if requested == "nccl" and not cuda:
         raise SPDError("parallel.backend=nccl needs CUDA GPUs; use parallel.backend=gloo (or auto) on CPU")
-    if requested == "nccl" and local_procs > gpus:
-        raise SPDError(f"parallel.backend=nccl needs one GPU per process, but {local_procs} processes "
-                       f"share {gpus} GPU(s) on this node; use parallel.backend=gloo (or auto)")
-    return requested
+    if requested == "nccl" and model_procs > gpus:
+        raise SPDError(f"parallel.backend=nccl needs one GPU per model process, but {model_procs} model "
+                       f"processes share {gpus} GPU(s) on this node; use parallel.backend=gloo (or auto)")
+    return MIXED_BACKEND if requested == "nccl" and extra_ranks else requested
 
 
-def _pick_backend(requested: str) -> str:
+def comm_devices(backend: str, device: torch.device, is_draft_rank: bool,
+                 draft_rank: Optional[int]) -> tuple[torch.device, frozenset]:
+    """(where this rank's p2p messages live, the peers whose messages live in host memory).
+
+    NCCL moves device tensors only: messages live on the GPU under an NCCL backend, else on the CPU.
+    Under the mixed backend the dedicated draft rank talks to everyone through host memory.
+    """
+    if "nccl" not in backend or is_draft_rank:
+        return torch.device("cpu"), frozenset()
+    return device, frozenset() if draft_rank is None or backend == "nccl" else frozenset({draft_rank})
+
+
+def _pick_backend(requested: str, extra_ranks: int) -> str:
     cuda = torch.cuda.is_available()
-    return pick_backend(requested, cuda, torch.cuda.device_count() if cuda else 0, local_world_size())
+    return pick_backend(requested, cuda, torch.cuda.device_count() if cuda else 0, local_world_size(),
+                        extra_ranks)
 
 
 def mpi_spans_nodes(environ: Optional[dict] = None) -> bool:
@@ -276,7 +301,7 @@ def set_mpi_master(env: LaunchEnv, environ: Optional[dict] = None, world=_mpi4py
         environ["MASTER_PORT"] = str(mpi_master_port(environ))
 
 
-def start_process_group(cfg: ParallelConfig) -> LaunchEnv:
+def start_process_group(cfg: ParallelConfig, extra_ranks: int = 0) -> LaunchEnv:
     """Initialise the default process group from the launcher's environment (idempotent)."""
     env = read_launch_env()
     if dist.is_initialized():
@@ -286,7 +311,7 @@ def start_process_group(cfg: ParallelConfig) -> LaunchEnv:
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()) if env.launcher == "single" else "29500")
-    backend = _pick_backend(cfg.backend)
+    backend = _pick_backend(cfg.backend, extra_ranks)
     if torch.cuda.is_available():  # one GPU per local rank; several ranks may share one (gloo)
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group(
@@ -307,7 +332,7 @@ def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
         SPDError: the launched world size does not match TP x PP (+ extra ranks).
     """
     apply_cpu_patches()
-    env = start_process_group(cfg)
+    env = start_process_group(cfg, extra_ranks)
     try:
         layout = resolve_layout(env.world_size - extra_ranks, cfg.tensor_parallel_size,
                                 cfg.pipeline_parallel_size)
@@ -323,17 +348,19 @@ def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
     draft_groups = _draft_rank_groups(layout.world_size) if extra_ranks else None
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
-    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
     is_model_rank = env.rank < layout.world_size
+    draft_rank = layout.world_size if extra_ranks else None
+    comm_device, cpu_peers = comm_devices(str(dist.get_backend()), device, not is_model_rank, draft_rank)
     control = _control_group(cfg) if cfg.prepost_receives and env.world_size > 1 else None
+    reverse = _reverse_group(cfg) if env.world_size > 1 else None
     return ParallelContext(
         rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, layout=layout,
         device=device,
         pp_group=parallel_state.get_pipeline_model_parallel_group() if is_model_rank else None,
         tp_group=parallel_state.get_tensor_model_parallel_group() if is_model_rank else None,
-        timeout_s=cfg.timeout_s, draft_rank=layout.world_size if extra_ranks else None,
+        timeout_s=cfg.timeout_s, draft_rank=draft_rank,
         draft_groups=draft_groups if env.rank == layout.world_size else None,
-        comm_device=comm_device, control_group=control,
+        comm_device=comm_device, control_group=control, reverse_group=reverse, cpu_peers=cpu_peers,
     )
 
 
@@ -345,6 +372,15 @@ def _control_group(cfg: ParallelConfig):
     memory, so reading one never synchronises a GPU stream.
     """
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.setup_timeout_s))
+
+
+def _reverse_group(cfg: ParallelConfig):
+    """Every rank, the default backend: messages from higher to lower ranks (parallel/link.py).
+
+    With NCCL each rank pair gets a communicator (and stream) per group, so each direction of a
+    pair has its own in-order stream and a send can never wait behind a send the other way.
+    """
+    return dist.new_group(timeout=timedelta(seconds=cfg.setup_timeout_s))
 
 
 def _draft_rank_groups(draft_rank: int):

@@ -19,17 +19,29 @@ A steady decode cycle thus finds its header and its hidden row already in place.
 ahead only after a decode step (STEP) and never after STOP, so no payload receive is left pending
 once a sequence ends (a later link on the same group could otherwise lose a message to it).
 
-NCCL runs a pair's sends and receives in order on one stream. Stage 1 sends anchors and verdict
-payloads back to stage 0, its previous stage, before stage 0 sends the next row; a row receive
-posted ahead would sit in front of those sends on that stream, and both would wait forever. So on
-NCCL the row is posted ahead only where the previous stage is not stage 0 (n >= 3, stages >= 2);
-gloo runs each operation on its own, so there every ring edge posts ahead. On NCCL a payload
-receive does not block the host either: the current stream waits for it (``_wait_payload``).
+Directions (``reverse_group``): NCCL runs the operations of one rank pair on one communicator in
+issue order on one stream, and a send larger than NCCL's buffer waits until the peer's stream
+reaches the matching receive. Traffic in both directions of a pair on one stream can therefore
+cycle: stage 0 sends prompt chunk 2 while stage 1, which finished chunk 1, sends its anchors back;
+each send waits behind the other's. So a message from a lower global rank to a higher one travels
+on the default group and a message from a higher rank to a lower one on ``reverse_group``, a
+second group of every rank made by ``parallel.init``: each (pair, group) carries one direction
+only, its sends and receives match in order, and no cycle can form inside NCCL (a send waits only
+for the receiver's host to post that receive). Any new message kind (e.g. a request from a server
+rank) follows the same rule for free: pick the group with ``_group_to`` / ``_group_from``.
+tests/unit/test_p2p_ordering.py replays the schedules' recorded message sequences on a simulated
+NCCL (per-pair in-order streams, bounded buffers) to check this. Without a reverse group (tools
+that build a bare link) the old rule holds: on NCCL the ring row is posted ahead only where the
+previous stage is not stage 0. On NCCL a payload receive does not block the host: the current
+stream waits for it (``_wait_payload``).
+
+Host-memory peers (``cpu_peers``): messages to and from these ranks live on the CPU, so with a
+``cpu:gloo,cuda:nccl`` default group they travel over gloo while the rest stays on NCCL. A
+dedicated draft rank that may share a GPU uses this (parallel/init.py: ``pick_backend``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import IntEnum
@@ -103,12 +115,16 @@ class StageLink:
             already are) and received tensors arrive there; callers move them where they compute.
         control_group: the gloo group for headers (pre-posted receives), or None: headers share
             the default group and every receive is posted when it is needed.
+        reverse_group: the group for messages to lower global ranks (see the module docstring),
+            or None: both directions share the default group.
+        cpu_peers: ranks whose messages live in host memory (gloo) whatever ``device`` is.
     """
 
     def __init__(self, rank: int, prev_rank: Optional[int], next_rank: Optional[int],
                  first_rank: int, last_rank: int, hidden_size: int, dtype: torch.dtype,
                  timeout_s: float, stage_ranks: Optional[list[int]] = None,
-                 device: Optional[torch.device] = None, control_group=None) -> None:
+                 device: Optional[torch.device] = None, control_group=None, reverse_group=None,
+                 cpu_peers: frozenset = frozenset()) -> None:
         self.rank = rank
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.stage_ranks = stage_ranks or [first_rank, last_rank]  # global rank of each stage
@@ -117,6 +133,9 @@ class StageLink:
         self.hidden_size, self.dtype = hidden_size, dtype
         self.timeout = timedelta(seconds=timeout_s)
         self.control = control_group
+        self.reverse = reverse_group
+        self.cpu_peers = frozenset(cpu_peers)
+        self.nccl = self.device.type == "cuda"  # NCCL ordering rules apply (tests set it to replay them)
         self._pending_sends: list = []
         self._header_posts: dict[int, tuple] = {}  # src -> (work, [5] buffer) posted ahead
         self._row_post: Optional[tuple] = None  # (work, [1, 1, h] buffer): the ring's next row 0
@@ -129,22 +148,44 @@ class StageLink:
 
     @property
     def preposts_rows(self) -> bool:
-        """Row 0 of the next ring message posted ahead (never in front of sends back to stage 0 on NCCL)."""
-        return self.preposts and (self.device.type == "cpu" or self.prev_rank != self.first_rank)
+        """Row 0 of the next ring message posted ahead (never in front of sends back to stage 0 on
+        one NCCL stream: with a reverse group those travel on another one)."""
+        return self.preposts and (not self._nccl_with(self.prev_rank) or self.reverse is not None
+                                  or self.prev_rank != self.first_rank)
+
+    def _nccl_with(self, peer: Optional[int]) -> bool:
+        return self.nccl and peer not in self.cpu_peers
+
+    def _device_for(self, peer: Optional[int]) -> torch.device:
+        return torch.device("cpu") if peer in self.cpu_peers else self.device
+
+    def _group_to(self, dst: int):
+        """The payload group for a message to ``dst``: default upwards, reverse downwards."""
+        return self.reverse if self.reverse is not None and dst < self.rank else None
+
+    def _group_from(self, src: int):
+        return self.reverse if self.reverse is not None and src > self.rank else None
 
     # ---- sends: asynchronous; buffers stay alive until the next flush ------------------------
-    def _isend(self, tensor: Tensor, dst: int, group=None) -> None:
-        if group is None:
-            tensor = tensor.to(self.device)  # no copy when it is already there
+    def _isend(self, tensor: Tensor, dst: int, header_channel: bool = False) -> None:
+        if header_channel:
+            group = self.control
+        else:
+            tensor, group = tensor.to(self._device_for(dst)), self._group_to(dst)  # no copy when there
         if len(self._pending_sends) > 64:  # keep the list short in long decodes
             self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
         self._pending_sends.append((dist.isend(tensor, dst, group=group), tensor))
 
+    def _irecv(self, shape: tuple, dtype: torch.dtype, src: int) -> tuple:
+        """(work, buffer): a payload receive from ``src`` on the group of its direction."""
+        buf = torch.empty(shape, dtype=dtype, device=self._device_for(src))
+        return dist.irecv(buf, src, group=self._group_from(src)), buf
+
     def _send_header(self, header: Header, dst: int) -> None:
         if self.preposts:
-            self._isend(header.to_tensor(), dst, group=self.control)  # [5] in host memory
+            self._isend(header.to_tensor(), dst, header_channel=True)  # [5] in host memory
         else:
-            self._isend(header.to_tensor(self.device), dst)
+            self._isend(header.to_tensor(self._device_for(dst)), dst)
 
     def flush(self) -> None:
         """Wait for the outstanding sends (bounded by the timeout)."""
@@ -162,7 +203,7 @@ class StageLink:
                 self._isend(hidden.contiguous(), self.next_rank)
             return
         if hidden is None:  # row 0 is always sent: its receive is already posted
-            hidden = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
+            hidden = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self._device_for(self.next_rank))
         self._isend(hidden[:1].contiguous(), self.next_rank)  # [1, 1, h]
         if hidden.shape[0] > 1:
             self._isend(hidden[1:].contiguous(), self.next_rank)  # [count - 1, 1, h]
@@ -174,8 +215,8 @@ class StageLink:
     # ---- receives: blocking with a timeout --------------------------------------------------
     def recv_header(self, src: int) -> Header:
         if not self.preposts:
-            buf = torch.empty(Header.SIZE, dtype=torch.long, device=self.device)
-            self._wait(dist.irecv(buf, src), "header from", src)
+            work, buf = self._irecv((Header.SIZE,), torch.long, src)
+            self._wait(work, "header from", src)
             return Header.from_tensor(buf)
         work, buf = self._header_posts.pop(src, None) or self._post_header(src)
         self._wait(work, "header from", src)
@@ -196,8 +237,8 @@ class StageLink:
         return hidden
 
     def _recv_rows(self, count: int) -> Tensor:
-        buf = torch.empty(count, 1, self.hidden_size, dtype=self.dtype, device=self.device)
-        self._wait_payload(dist.irecv(buf, self.prev_rank), "hidden states from", self.prev_rank)
+        work, buf = self._irecv((count, 1, self.hidden_size), self.dtype, self.prev_rank)
+        self._wait_payload(work, "hidden states from", self.prev_rank)
         return buf
 
     def _recv_ring_rows(self, header: Header) -> None:
@@ -213,8 +254,7 @@ class StageLink:
             self._row_post = self._post_row()
 
     def _post_row(self) -> tuple:
-        buf = torch.empty(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)  # [1, 1, h]
-        return dist.irecv(buf, self.prev_rank), buf
+        return self._irecv((1, 1, self.hidden_size), self.dtype, self.prev_rank)  # buffer [1, 1, h]
 
     def send_to(self, dst: int, header: Header, *tensors: Tensor) -> None:
         """A header and payload tensors to any rank of this TP slot (e.g. a report to the draft rank)."""
@@ -224,8 +264,8 @@ class StageLink:
 
     def recv_tensor(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A payload of known shape from ``src`` (shapes are fixed by the protocol, never sent)."""
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait_payload(dist.irecv(buf, src), "payload from", src)
+        work, buf = self._irecv(shape, dtype, src)
+        self._wait_payload(work, "payload from", src)
         return buf
 
     def recv_prev(self) -> Header:
@@ -263,7 +303,7 @@ class StageLink:
         sender has posted the send; a peer that dies between the two is caught by NCCL's own
         watchdog (the process group's ``parallel.setup_timeout_s``). Host-side waits elsewhere.
         """
-        if self.preposts and self.device.type == "cuda":
+        if self.preposts and self._nccl_with(peer):
             work.wait()
             return
         self._wait(work, what, peer)
@@ -303,32 +343,6 @@ def report_failure(rank: int, message: str) -> None:
         store.compare_set(_FAILURE_KEY, "", f"rank {rank}: {message}")
     except Exception:  # noqa: BLE001 - best effort while failing
         pass
-
-
-_SHOWN_KEY = "spd_megatron/error_shown"
-
-
-def mark_error_shown() -> None:
-    """Rank 0 has printed the run's error: the other ranks need not print theirs."""
-    store = _store()
-    if store is not None:
-        try:
-            store.set(_SHOWN_KEY, "1")
-        except Exception:  # noqa: BLE001 - best effort while failing
-            pass
-
-
-def error_shown_by_rank0(wait_s: float) -> bool:
-    """True once rank 0 says it printed the run's error; False if it has not within ``wait_s``."""
-    store, deadline = _store(), time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            if store is not None and store.check([_SHOWN_KEY]):
-                return True
-        except Exception:  # noqa: BLE001 - store gone: rank 0 has exited
-            return False
-        time.sleep(0.05)
-    return False
 
 
 def raise_peer_failure() -> None:

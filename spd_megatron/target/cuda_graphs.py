@@ -19,7 +19,10 @@ What we do instead, for any layer spec:
 - ``DecodeGraphs`` owns the static buffers (position, token id or hidden state), captures one
   graph per set of anchor taps, replays it, and copies the output (and taps) out of the graph's
   memory. The step is checked against the eager static step at capture. Any failure (capture,
-  check) logs one warning and the stage decodes eagerly from then on.
+  check) logs one warning and the stage decodes eagerly from then on. The TP ranks of a stage
+  agree on that choice (``agree_across``: an all-reduce of a success flag after the capture and
+  after the check), so no rank replays graphs with captured all-reduces that a peer, decoding
+  eagerly, would never join.
 
 The static step itself runs on CPU too (``DecodeGraphs(stage, capture=False)``), which is how the
 CPU tests check it against the ordinary step; only the capture needs a GPU. Not captured: FP8
@@ -42,20 +45,41 @@ WARMUP_STEPS = 2  # eager runs on a side stream before capture (allocator and li
 
 
 class StaticPositionSelfAttention(SelfAttention):
-    """SelfAttention whose KV-cache update can take its write position as a device tensor."""
+    """SelfAttention whose KV-cache update can take its write position as a device tensor.
+
+    Keys are cached after RoPE (megatron's static path caches them before and rotates the whole
+    prefix again on every forward; over the static cache of a graph step that would be all
+    ``max_seq_len`` rows per layer per token). Each forward rotates only its own new keys, eager
+    or static, so both paths keep the same cache.
+    """
 
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
                                         *args, **kwargs):
         position = getattr(inference_context, "static_position", None)
+        if rotary_pos_emb is not None:
+            rows = position if position is not None else torch.arange(
+                inference_context.sequence_len_offset, inference_context.sequence_len_offset + key.shape[0],
+                device=key.device)  # [n] positions of the new keys
+            key = self._rotate(key, rotary_pos_emb[1].index_select(0, rows))
         if position is None:
-            return super()._adjust_key_value_for_inference(
+            query, key, value, rope, mask_type, table = super()._adjust_key_value_for_inference(
                 inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+            return query, key, value, None if rope is None else (rope[0], None), mask_type, table
         return static_kv_update(inference_context.key_value_memory_dict[self.layer_number],
-                                position, query, key, value, rotary_pos_emb)
+                                position, query, key, value, rotary_pos_emb, keys_rotated=True)
+
+    def _rotate(self, key: Tensor, freqs: Tensor) -> Tensor:
+        """RoPE on [n, 1, groups, d] keys with their own [n, 1, 1, d] rows (as megatron does it)."""
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+        from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
+
+        return apply_rotary_pos_emb(key, freqs, config=self.config,
+                                    mscale=_yarn_get_concentration_factor_from_config(self.config),
+                                    cp_group=self.pg_collection.cp)
 
 
 def static_kv_update(memory: tuple[Tensor, Tensor], position: Tensor, query: Tensor, key: Tensor,
-                     value: Tensor, rotary_pos_emb):
+                     value: Tensor, rotary_pos_emb, keys_rotated: bool = False):
     """Write R tokens' keys/values at ``position`` and return the whole static cache.
 
     Args:
@@ -63,6 +87,8 @@ def static_kv_update(memory: tuple[Tensor, Tensor], position: Tensor, query: Ten
         position: [R] int64 on the cache's device (R = 1 for a stage step, R rows for the PDM).
         query, key, value: [R, 1, heads or groups, d] of the new tokens (keys before RoPE).
         rotary_pos_emb: (q, k) RoPE tables [Smax, 1, 1, d], or None.
+        keys_rotated: ``key`` already carries RoPE (cached rotated): no k table is returned, so
+            megatron does not rotate the whole cache again.
 
     Returns:
         What megatron's ``_adjust_key_value_for_inference`` returns: query, K [Smax...], V,
@@ -75,7 +101,7 @@ def static_kv_update(memory: tuple[Tensor, Tensor], position: Tensor, query: Ten
     values.index_copy_(0, position, value)
     if rotary_pos_emb is not None:
         q_emb, k_emb = rotary_pos_emb
-        rotary_pos_emb = (q_emb.index_select(0, position), k_emb[: keys.shape[0]])
+        rotary_pos_emb = (q_emb.index_select(0, position), None if keys_rotated else k_emb[: keys.shape[0]])
     return query, keys, values, rotary_pos_emb, AttnMaskType.arbitrary, None
 
 
@@ -117,10 +143,13 @@ class DecodeGraphs:
         stage: a TargetStage whose model was built with ``static_decode_spec``.
         capture: True (CUDA): capture once per tap set, then replay. False: run the static-shape
             step eagerly (CPU tests).
+        agree: ``agree(ok) -> all ok`` across the stage's TP ranks (``agree_across``); default:
+            this rank alone.
     """
 
-    def __init__(self, stage, capture: bool = True) -> None:
+    def __init__(self, stage, capture: bool = True, agree=None) -> None:
         self.stage, self.capture = stage, capture
+        self.agree = agree or alone
         device, arch = stage.device, stage.arch
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # [1]
         self.key_positions = torch.arange(stage.cache.max_seq_len, device=device)  # [Smax]
@@ -191,18 +220,31 @@ class DecodeGraphs:
 
     def _capture(self) -> CapturedStep:
         """Capture the static step (``capture_checked``); the taps it wrote live in the graph."""
-        graph, out = capture_checked(self._static_forward, self.pool)
+        graph, out = capture_checked(self._static_forward, self.pool, self.agree)
         self.pool = graph.pool()
         return CapturedStep(graph, out, dict(self.stage.taps))
 
 
-def capture_checked(step, pool=None) -> tuple:
+def capture_checked(step, pool=None, agree=None) -> tuple:
     """Warm ``step`` up on a side stream, capture it, replay once and compare with the eager run.
 
     ``step()`` must be idempotent given its static inputs: the warm-up runs and the check replay
     write the same key/value rows as the real step (same input, same position), so they leave a
-    cache as the step itself would. Returns (graph, output tensor in the graph's memory).
+    cache as the step itself would. ``agree(ok)`` (default: this rank alone) tells every TP rank
+    whether all captured, before the check replay runs the captured collectives, and whether all
+    replays matched: every rank then keeps its graph, or every rank raises. (The warm-up is an
+    ordinary eager step: where it fails, eager decoding fails too.)
+
+    Returns (graph, output tensor in the graph's memory).
     """
+    agree = agree or alone
+    graph, out, eager = agreed(lambda: _capture_graph(step, pool), agree, "capture")
+    graph.replay()
+    agreed(lambda: check_replay(out, eager), agree, "replay check")
+    return graph, out
+
+
+def _capture_graph(step, pool) -> tuple:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -213,9 +255,37 @@ def capture_checked(step, pool=None) -> tuple:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = step()
-    graph.replay()
-    check_replay(out, eager)
-    return graph, out
+    return graph, out, eager
+
+
+def agreed(fn, agree, what: str):
+    """``fn()``'s result when it succeeded on every rank ``agree`` asks; else raise (on every rank)."""
+    try:
+        result, error = fn(), None
+    except Exception as err:  # noqa: BLE001 - reported to the peers first, then raised
+        result, error = None, err
+    if not agree(error is None):
+        raise error or RuntimeError(f"{what} failed on a tensor-parallel peer")
+    return result
+
+
+def alone(ok: bool) -> bool:
+    return ok
+
+
+def agree_across(group, device: torch.device):
+    """``agree(ok)``: True when ``ok`` on every rank of ``group`` (one all-reduce MIN of a flag)."""
+    import torch.distributed as dist
+
+    if group is None or dist.get_world_size(group) == 1:
+        return alone
+
+    def agree(ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)  # [1]
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        return bool(flag.item())
+
+    return agree
 
 
 def zero_cache_tail(cache) -> None:
@@ -243,10 +313,13 @@ def why_no_graphs(device: torch.device, tp_size: int, backend: str) -> Optional[
     return None
 
 
-def make_decode_graphs(stage, tp_size: int, backend: str) -> Optional[DecodeGraphs]:
-    """DecodeGraphs for a CUDA stage, or None (with one warning) where graphs cannot work."""
+def make_decode_graphs(stage, tp_size: int, backend: str, tp_group=None) -> Optional[DecodeGraphs]:
+    """DecodeGraphs for a CUDA stage, or None (with one warning) where graphs cannot work.
+
+    ``tp_group``: the stage's TP group, whose ranks agree on graphs versus eager steps.
+    """
     reason = why_no_graphs(stage.device, tp_size, backend)
     if reason:
         log.warning("model.cuda_graphs: %s; the stage decodes eagerly", reason)
         return None
-    return DecodeGraphs(stage, capture=True)
+    return DecodeGraphs(stage, capture=True, agree=agree_across(tp_group, stage.device))

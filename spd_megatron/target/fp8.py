@@ -1,42 +1,75 @@
 """FP8 decoding through Transformer Engine (``model.fp8=true``; TE layer spec on a GPU only).
 
-The recipe (``FP8_RECIPE``, TransformerConfig fields): TE ``DelayedScaling`` with the HYBRID
-format (E4M3 forward tensors; E5M2 would only be used for gradients), a scale per tensor from the
-max amax of the last 1024 forwards, margin 0. Megatron's TransformerBlock enters
-``te.pytorch.fp8_autocast(enabled=True, fp8_recipe=DelayedScaling(...))`` around the decoder
-layers itself when ``config.fp8`` is set, so a stage forward runs its TE linears in FP8 and
-everything else (embedding, attention softmax, output layer) in the model dtype (bf16).
+The recipe: TE ``Float8CurrentScaling`` (megatron ``fp8_recipe="tensorwise"``), HYBRID format
+(E4M3 for forward tensors). Every FP8 cast takes its scale from the tensor's own amax in that
+very forward, so there is no scaling state on the host and nothing to calibrate. Megatron's
+TransformerBlock enters TE's ``fp8_autocast`` with this recipe around the decoder layers when
+``config.fp8`` is set; embedding, attention softmax and the output layer stay in bf16.
 
-Two inference details, both handled here:
+Why not delayed scaling (TE ``DelayedScaling``, scales from an amax history): TE folds the amax
+history into new scales only when the outermost ``fp8_autocast`` exits with gradients enabled
+and outside a graph capture (``autocast_exit``/``fp8_autocast_exit``: ``not _graph and
+torch.is_grad_enabled()``; pytorch/fp8.py in TE 2.4, pytorch/quantization.py in 2.9-2.12 and
+main). Decoding runs under ``torch.inference_mode()``, so every scale would stay at its initial
+1.0: E4M3 would clip values above 448 and flush those below ~2^-9. Current scaling appeared in
+TE 2.2 (megatron maps ``tensorwise`` to it from TE 2.2.0.dev0), so older TE is refused.
 
-- FP8 GEMMs need the token rows to be a multiple of 8 (TE asserts it); a decode step has one row.
-  ``pad_for_fp8`` wraps the TE linears with megatron's ``prepare_model_for_fp8_inference``
-  (pads rows inside the linear, unpads the output).
-- Delayed scaling starts every tensor at scale 1 and megatron's TE linears cast the weights to
-  FP8 once (first forward) and reuse that cast. ``calibrate_fp8`` runs one throw-away forward so
-  the amax history holds the real weight ranges, then marks the linears to re-cast their weights
-  with the calibrated scales on the next forward.
+FP8 GEMMs need the token rows to be a multiple of 8 (TE asserts it); a decode step has one row.
+``pad_for_fp8`` wraps the TE linears with megatron's ``prepare_model_for_fp8_inference`` (pads
+rows inside the linear, unpads the output).
 
 Transformer Engine is imported only inside these functions, never at module import.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-FP8_RECIPE = dict(
-    fp8="hybrid",  # TE Format.HYBRID
-    fp8_recipe="delayed",  # TE DelayedScaling
-    fp8_amax_history_len=1024,
-    fp8_amax_compute_algo="max",
-    fp8_margin=0,
-)
-CALIBRATION_ROWS = 16
+from spd_megatron.errors import SPDError
+
+MIN_TE_VERSION = "2.2.0.dev0"  # Float8CurrentScaling (megatron-core: fp8_recipe="tensorwise")
+FP8_RECIPE = dict(fp8="hybrid", fp8_recipe="tensorwise")
 
 
-def fp8_config_fields(enabled: bool) -> dict:
-    """The TransformerConfig fields for FP8 (empty when off: bf16/fp32 as ``model.dtype`` says)."""
-    return dict(FP8_RECIPE) if enabled else {}
+def fp8_recipe_fields(te_version: Optional[str]) -> dict:
+    """The TransformerConfig FP8 fields for the installed TE version (pure; unit-tested).
+
+    Raises:
+        SPDError: no TE, or a TE without current scaling.
+    """
+    from packaging.version import Version
+
+    if te_version is None:
+        raise SPDError("model.fp8=true needs Transformer Engine (pip install the te extra on a GPU "
+                       "node, or use the docker image); drop model.fp8 to decode in bf16")
+    if Version(te_version) < Version(MIN_TE_VERSION):
+        raise SPDError(f"model.fp8=true needs Transformer Engine >= 2.2 (current scaling), found "
+                       f"{te_version}: older TE only has delayed scaling, whose scales never leave "
+                       "1.0 in inference mode; upgrade TE or drop model.fp8")
+    return dict(FP8_RECIPE)
+
+
+def installed_te_version() -> Optional[str]:
+    """Transformer Engine's version, or None when it does not import."""
+    try:
+        from megatron.core.utils import get_te_version
+
+        version = get_te_version()
+    except Exception:  # noqa: BLE001 - any import failure means no usable TE
+        return None
+    return None if version is None else str(version)
+
+
+def fp8_config_fields(enabled: bool, te_version: Optional[str] = None) -> dict:
+    """The TransformerConfig fields for FP8 (empty when off: bf16/fp32 as ``model.dtype`` says).
+
+    ``te_version``: for tests; by default the installed one.
+    """
+    if not enabled:
+        return {}
+    return fp8_recipe_fields(te_version if te_version is not None else installed_te_version())
 
 
 def pad_for_fp8(model: torch.nn.Module) -> None:
@@ -44,37 +77,3 @@ def pad_for_fp8(model: torch.nn.Module) -> None:
     from megatron.core.fp8_utils import prepare_model_for_fp8_inference
 
     prepare_model_for_fp8_inference(model)
-
-
-def calibrate_fp8(stage) -> None:
-    """One throw-away forward of random inputs at position 0, then re-cast the FP8 weights.
-
-    Args:
-        stage: a TargetStage built with ``fp8=True``; its KV cache is left empty.
-    """
-    rows = min(CALIBRATION_ROWS, stage.cache.max_seq_len)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    with torch.inference_mode():
-        if stage.placement.is_first:
-            ids = torch.randint(stage.arch.vocab_size, (1, rows), generator=gen).to(stage.device)
-            stage.eager_forward(0, rows, ids, None)
-        else:
-            dtype = next(stage.model.parameters()).dtype
-            hidden = torch.randn(rows, 1, stage.arch.hidden_size, generator=gen).to(stage.device, dtype)
-            stage.eager_forward(0, rows, None, hidden)
-        stage.cache.truncate(0)
-    recast_fp8_weights(stage.model)
-
-
-def recast_fp8_weights(model: torch.nn.Module) -> int:
-    """Make every megatron TE linear cast its weights to FP8 again on its next forward.
-
-    Returns:
-        How many linears were marked.
-    """
-    marked = 0
-    for module in model.modules():
-        if hasattr(module, "is_first_microbatch"):
-            module.is_first_microbatch = True
-            marked += 1
-    return marked

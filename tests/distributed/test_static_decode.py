@@ -39,12 +39,16 @@ def counting(graphs: DecodeGraphs) -> list:
 
 
 def _single_stage(rank, world_size, ckpt):
-    cfg = tiny_config(ckpt, model__cuda_graphs=True)  # set directly: validation would refuse on CPU
+    plain = build_engine(tiny_config(ckpt, model__layer_spec="local"), init_parallel(tiny_config(ckpt).parallel))
+    with torch.inference_mode():
+        reference = run_sequence(plain.stage, PROMPT, STEPS)  # megatron's own cache (keys before RoPE)
+    cfg = tiny_config(ckpt, model__cuda_graphs=True, model__layer_spec="local")  # set directly: validation would refuse on CPU
     engine = build_engine(cfg, init_parallel(cfg.parallel))
     stage = engine.stage
     assert stage.decode_graphs is None  # make_decode_graphs declines a CPU stage
     with torch.inference_mode():
         eager = run_sequence(stage, PROMPT, STEPS)
+        torch.testing.assert_close(eager, reference, rtol=1e-5, atol=1e-5)  # keys cached after RoPE
         stage.decode_graphs = DecodeGraphs(stage, capture=False)
         calls = counting(stage.decode_graphs)
         static = run_sequence(stage, PROMPT, STEPS)

@@ -10,12 +10,12 @@ import torch
 
 from spd_megatron.config import load_config
 from spd_megatron.errors import SPDError
-from spd_megatron.parallel.init import local_world_size, pick_backend
+from spd_megatron.parallel.init import MIXED_BACKEND, comm_devices, local_world_size, pick_backend
 from spd_megatron.parallel.link import Header, Op, StageLink
-from spd_megatron.target.fp8 import FP8_RECIPE, fp8_config_fields, recast_fp8_weights
+from spd_megatron.target.fp8 import FP8_RECIPE, fp8_config_fields, fp8_recipe_fields, installed_te_version
 from spd_megatron.target.kv_cache import causal_mask
 from spd_megatron.target.specs import resolve_layer_spec_name
-from spd_megatron.target.te_attention import te_mask_type
+from spd_megatron.target.te_attention import te_mask_choice
 
 
 def test_cuda_graphs_config_is_refused_on_cpu_and_with_fp8():
@@ -46,11 +46,31 @@ def test_backend_choice():
     assert pick_backend("gloo", cuda=True, gpus=8, local_procs=8) == "gloo"
     with pytest.raises(SPDError, match="needs CUDA GPUs"):
         pick_backend("nccl", cuda=False, gpus=0, local_procs=1)
-    with pytest.raises(SPDError, match="one GPU per process"):
+    with pytest.raises(SPDError, match="one GPU per model process"):
         pick_backend("nccl", cuda=True, gpus=1, local_procs=2)
     assert local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4
     assert local_world_size({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == 2
     assert local_world_size({}) == 0
+
+
+def test_dedicated_draft_on_a_full_node_keeps_nccl_for_the_model_ranks():
+    """TP x PP + 1 processes on TP x PP GPUs: the model ranks keep NCCL, only the draft rank's
+    messages go through host memory (gloo); every node picks the same backend string."""
+    full, other_node = dict(cuda=True, gpus=8, local_procs=9), dict(cuda=True, gpus=8, local_procs=8)
+    assert pick_backend("auto", **full, extra_ranks=1) == MIXED_BACKEND
+    assert pick_backend("auto", **other_node, extra_ranks=1) == MIXED_BACKEND  # nodes agree
+    assert pick_backend("nccl", **full, extra_ranks=1) == MIXED_BACKEND
+    assert pick_backend("auto", **full) == "gloo"  # nine model ranks on eight GPUs
+    assert pick_backend("auto", cuda=True, gpus=4, local_procs=9, extra_ranks=1) == "gloo"
+    assert pick_backend("auto", cuda=False, gpus=0, local_procs=3, extra_ranks=1) == "gloo"
+    gpu = torch.device("cuda", 0)
+    assert comm_devices(MIXED_BACKEND, gpu, False, 8) == (gpu, frozenset({8}))  # model rank
+    assert comm_devices(MIXED_BACKEND, gpu, True, 8) == (torch.device("cpu"), frozenset())  # draft rank
+    assert comm_devices("nccl", gpu, False, None) == (gpu, frozenset())
+    assert comm_devices("gloo", gpu, False, 8) == (torch.device("cpu"), frozenset())
+    link = StageLink(0, None, 1, 0, 1, 8, torch.float32, 1, device="cuda", cpu_peers={8})
+    assert link._device_for(8).type == "cpu" and link._device_for(1).type == "cuda"
+    assert link._nccl_with(1) and not link._nccl_with(8)
 
 
 def test_cpu_path_keeps_tensors_on_cpu():
@@ -63,27 +83,59 @@ def test_cpu_path_keeps_tensors_on_cpu():
     assert mask.device.type == "cpu" and torch.equal(mask, causal_mask(2, 3))
 
 
-def test_te_mask_rule():
+def te_reference_mask(mask_type: str, window: tuple, sq: int, sk: int) -> torch.Tensor:
+    """TE's documented rule (DotProductAttention docstring), True = masked: query i sees keys
+    [i + sk - sq - left, i + sk - sq + right] for bottom-right types, [i - left, i + right] else."""
+    i = torch.arange(sq).view(-1, 1)  # [sq, 1]
+    j = torch.arange(sk).view(1, -1)  # [1, sk]
+    diagonal = i + (sk - sq if mask_type.endswith("bottom_right") else 0)
+    left, right = window
+    allowed = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        allowed &= j >= diagonal - left
+    if right >= 0:
+        allowed &= j <= diagonal + right
+    return ~allowed
+
+
+def test_te_mask_choice_matches_our_masks_without_arbitrary():
+    """Every mask a stage builds (prompt chunks at any offset, verify rows, sliding windows) is
+    TE's causal_bottom_right with window (w - 1, 0): the mask tensor is dropped, so TE may use
+    flash/cuDNN attention. Only a graph step over the static cache stays arbitrary."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    mask = causal_mask(4, 2)
-    assert te_mask_type(None, AttnMaskType.no_mask) == AttnMaskType.no_mask  # one-token step: fused
-    assert te_mask_type(None, AttnMaskType.causal) == AttnMaskType.causal
-    assert te_mask_type(mask, AttnMaskType.no_mask) == AttnMaskType.arbitrary  # chunk at offset > 0
-    assert te_mask_type(mask, AttnMaskType.causal) == AttnMaskType.arbitrary  # window at offset 0
+    for window in (None, 1, 3, 8):
+        for start in (0, 1, 4, 9):
+            for count in (1, 2, 5):
+                mask = causal_mask(start, count, window)
+                megatron_type = AttnMaskType.causal if start == 0 else AttnMaskType.no_mask
+                kind, te_window, keep = te_mask_choice(mask is not None, megatron_type, window)
+                reference = te_reference_mask(kind.name, te_window, count, start + count)
+                expected = torch.zeros_like(reference) if mask is None else mask[0, 0]
+                assert torch.equal(reference, expected), (window, start, count, kind, te_window)
+                assert not keep and kind != AttnMaskType.arbitrary
+    graph_step = te_mask_choice(True, AttnMaskType.arbitrary, 4)
+    assert graph_step == (AttnMaskType.arbitrary, (-1, -1), True)
+    assert te_mask_choice(False, AttnMaskType.no_mask) == (AttnMaskType.no_mask, (-1, -1), False)
 
 
-def test_fp8_recipe_and_weight_recast():
+def test_fp8_recipe_is_current_scaling_and_refuses_old_te():
+    """Delayed scaling updates its scales only with grad enabled (TE autocast_exit), never in
+    inference mode: FP8 uses current scaling (megatron 'tensorwise', TE >= 2.2) or refuses."""
     assert fp8_config_fields(False) == {}
-    assert fp8_config_fields(True) == FP8_RECIPE
-    assert FP8_RECIPE["fp8"] == "hybrid" and FP8_RECIPE["fp8_recipe"] == "delayed"
+    for version in ("2.2.0.dev0", "2.4.0", "2.11.0+abc", "2.12.0"):
+        assert fp8_recipe_fields(version) == {"fp8": "hybrid", "fp8_recipe": "tensorwise"}
+    assert fp8_config_fields(True, te_version="2.9.0") == FP8_RECIPE
+    with pytest.raises(SPDError, match="needs Transformer Engine >= 2.2 .* found 2.1.0"):
+        fp8_recipe_fields("2.1.0")
+    with pytest.raises(SPDError, match="needs Transformer Engine \\(pip install"):
+        fp8_recipe_fields(None)
+    if installed_te_version() is None:  # CPU: no TE, so model.fp8 fails with one clear line
+        with pytest.raises(SPDError, match="needs Transformer Engine"):
+            fp8_config_fields(True)
+    from megatron.core.enums import Fp8Recipe
 
-    class FakeTELinear(torch.nn.Module):
-        is_first_microbatch = False
-
-    model = torch.nn.Sequential(FakeTELinear(), torch.nn.Linear(2, 2), FakeTELinear())
-    assert recast_fp8_weights(model) == 2
-    assert all(m.is_first_microbatch for m in model if isinstance(m, FakeTELinear))
+    assert Fp8Recipe(FP8_RECIPE["fp8_recipe"]) == Fp8Recipe.tensorwise  # megatron knows the name
 
 
 def test_ring_rows_are_not_posted_ahead_of_nccl_sends_back_to_stage0():
@@ -120,3 +172,67 @@ def test_nccl_payload_waits_do_not_block_the_host():
     assert waits("cuda", object()) == [()]  # stream-ordered
     assert waits("cpu", object())[0][0].total_seconds() == 5  # gloo: a host wait with the timeout
     assert waits("cuda", None)[0][0].total_seconds() == 5  # headers on NCCL too: timed host waits
+
+
+def _two_tp_ranks_capture(monkeypatch, names):
+    """capture_checked on two threads standing for two TP ranks; a stub agree() is an all-reduce
+    MIN. "bad" fails its capture, "off" captures but its replay differs from the eager step."""
+    import threading
+
+    from spd_megatron.target import cuda_graphs
+
+    replays = {name: 0 for name in names}
+
+    class FakeGraph:
+        def __init__(self, name):
+            self.name = name
+
+        def replay(self):  # would run the captured TP all-reduce
+            replays[self.name] += 1
+
+    def fake_capture(step, pool):
+        name = step()
+        if name == "bad":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return FakeGraph(name), torch.ones(2) * (2 if name == "off" else 1), torch.ones(2)
+
+    monkeypatch.setattr(cuda_graphs, "_capture_graph", fake_capture)
+    barrier, flags, outcome = threading.Barrier(len(names)), {}, {}
+
+    def agree(name):
+        def fn(ok):
+            flags[name] = ok
+            barrier.wait(timeout=10)
+            result = all(flags.values())
+            barrier.wait(timeout=10)
+            return result
+        return fn
+
+    def rank(name):
+        try:
+            cuda_graphs.capture_checked(lambda: name, None, agree(name))
+            outcome[name] = "graph"
+        except RuntimeError as err:
+            outcome[name] = str(err)
+
+    threads = [threading.Thread(target=rank, args=(n,)) for n in names]
+    [t.start() for t in threads]
+    [t.join(timeout=20) for t in threads]
+    return outcome, replays
+
+
+def test_tp_ranks_agree_on_graphs_when_one_rank_fails(monkeypatch):
+    """One TP rank failing capture (or its replay check) makes every rank of the stage fall back
+    to eager steps, and no rank replays a captured all-reduce its peer would not join."""
+    from spd_megatron.target import cuda_graphs
+
+    outcome, replays = _two_tp_ranks_capture(monkeypatch, ["ok", "bad"])
+    assert outcome == {"ok": "capture failed on a tensor-parallel peer",
+                       "bad": "operation not permitted when stream is capturing"}
+    assert replays == {"ok": 0, "bad": 0}
+    outcome, replays = _two_tp_ranks_capture(monkeypatch, ["ok", "off"])
+    assert outcome["ok"] == "replay check failed on a tensor-parallel peer"
+    assert outcome["off"].startswith("graph replay differs")
+    assert replays == {"ok": 1, "off": 1}  # the check replay ran on both: its collectives matched
+    assert _two_tp_ranks_capture(monkeypatch, ["ok", "ok2"])[0] == {"ok": "graph", "ok2": "graph"}
+    assert cuda_graphs.agree_across(None, torch.device("cpu"))(True) is True
