@@ -18,6 +18,7 @@ from spd_megatron.errors import SPDError
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DTYPES = ("float32", "bfloat16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -75,7 +76,8 @@ class ScheduleConfig:
 @dataclass
 class DraftConfig:
     path: str = ""
-    """PDM checkpoint folder (tools/train_draft.py). Empty: a randomly initialised PDM."""
+    """PDM checkpoint folder (tools/train_draft.py). Empty: the draft shipped for the builtin model
+    and this stage layout, else an error (or a random PDM with allow_random)."""
     placement: str = "colocated"
     """colocated: the PDM runs on pipeline stage 0 (give it fewer layers via layers_per_stage);
     dedicated: on one extra rank after the TP x PP model ranks (world = TP x PP + 1)."""
@@ -85,6 +87,9 @@ class DraftConfig:
     """Hidden-state indices the PDM aggregates (random PDM). Empty: the spec's auto rule."""
     seed: int = 0
     """Seed of a randomly initialised PDM."""
+    allow_random: bool = False
+    """Run SPD with a randomly initialised PDM when no trained draft fits the stage layout
+    (acceptance ~0, slower than autoregressive: for tests and cost measurements)."""
     cuda_graphs: bool = False
     """Replay the PDM step (layers + head on the cycle's rows) as CUDA graphs, one per row count
     (GPU only). A capture that fails falls back to eager steps with one warning."""
@@ -248,6 +253,9 @@ class SPDConfig:
     """Wrap prompts in the model's chat template (False: raw text)."""
     system_prompt: Optional[str] = None
     """System message for the chat template (None: the template's default)."""
+    log_level: str = "warning"
+    """debug, info, warning or error. warning and error also hide the known-harmless third-party
+    warnings (spd_megatron/console.py); info or --verbose shows everything."""
 
 
 def load_config(config: Optional[str] = None, overrides: Sequence[str] = ()) -> SPDConfig:
@@ -333,6 +341,7 @@ def validate_config(cfg: SPDConfig) -> None:
         (cfg.draft.placement in ("colocated", "dedicated"),
          f"draft.placement={cfg.draft.placement} must be colocated or dedicated"),
         (cfg.draft.num_layers >= 1, "draft.num_layers must be >= 1"),
+        (cfg.log_level in LOG_LEVELS, f"log_level={cfg.log_level} must be one of {', '.join(LOG_LEVELS)}"),
         (0 <= cfg.serve.port < 65536, f"serve.port={cfg.serve.port} must be in [0, 65535]"),
         (cfg.serve.max_queue >= 0 and cfg.serve.request_timeout_s > 0,
          "serve.max_queue must be >= 0 and serve.request_timeout_s > 0"),

@@ -48,7 +48,8 @@ def resolve_checkpoint(cfg: SPDConfig) -> Path:
         return Path(cfg.model.checkpoint)
     from spd_megatron.convert.builtin import ensure_builtin_checkpoint
 
-    return ensure_builtin_checkpoint(cfg.model.builtin, cfg.model.dtype, cfg.model.cache_dir)
+    return ensure_builtin_checkpoint(cfg.model.builtin, cfg.model.dtype, cfg.model.cache_dir,
+                                     wait_s=cfg.parallel.setup_timeout_s)
 
 
 def build_placement(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StagePlacement:
@@ -120,6 +121,7 @@ def pdm_config(cfg: SPDConfig, arch: ArchSpec, split: list[int]):
         pdm_cfg = read_pdm_config(path)
         check_pdm_matches(pdm_cfg, arch, split)
         return pdm_cfg
+    check_random_draft_allowed(cfg, split)
     anchors = check_anchors(cfg.draft.anchors or default_anchors(split), arch.num_layers)
     return PDMConfig(split, anchors, cfg.draft.num_layers, target=arch.to_dict())
 
@@ -136,6 +138,30 @@ def draft_path(cfg: SPDConfig, split: list[int]) -> str:
     if config.is_file() and json.loads(config.read_text()).get("split") == list(split):
         return str(folder)
     return ""
+
+
+def shipped_splits(builtin: str) -> list[list[int]]:
+    """The stage layouts of the drafts shipped for a builtin model, fewest stages first."""
+    configs = (SHIPPED_DRAFTS / builtin).glob("n*/pdm_config.json")
+    return sorted((json.loads(f.read_text())["split"] for f in configs), key=len)
+
+
+def check_random_draft_allowed(cfg: SPDConfig, split: list[int]) -> None:
+    """No trained draft fits: refuse a random PDM (acceptance ~0) unless draft.allow_random."""
+    if cfg.draft.allow_random:
+        log.info("SPD with a randomly initialised draft (draft.allow_random=true)")
+        return
+    n, layout = len(split), "[" + ",".join(map(str, split)) + "]"
+    shipped = [] if cfg.model.checkpoint else shipped_splits(cfg.model.builtin)
+    have = (f"drafts ship for {cfg.model.builtin} with " + " and ".join(
+        f"n={len(s)} (layers_per_stage=[{','.join(map(str, s))}], balanced)" for s in shipped)) if shipped \
+        else "no draft ships for model.checkpoint"
+    model = f" model.checkpoint={cfg.model.checkpoint}" if cfg.model.checkpoint else ""
+    raise SPDError(f"schedule.name=spd has no trained draft for {n} stages, layers_per_stage={layout}: {have}. "
+                   f"Train one (python tools/train_draft.py{model} train.num_stages={n} "
+                   f"parallel.layers_per_stage={layout} train.out=runs/pdm_n{n}) and pass "
+                   f"draft.path=runs/pdm_n{n}/final, or pass draft.allow_random=true to run a random "
+                   "draft (acceptance ~0: slower than autoregressive)")
 
 
 def build_draft(cfg: SPDConfig, ckpt: Path, stage: TargetStage, ctx: ParallelContext):
@@ -194,6 +220,11 @@ def build_schedule(cfg: SPDConfig, stage: TargetStage, link: StageLink | None,
 def load_tokenizer(ckpt: Path):
     from transformers import AutoTokenizer
 
+    from spd_megatron.convert.sources import has_tokenizer_files
+
+    if not has_tokenizer_files(ckpt):
+        raise SPDError(f"checkpoint {ckpt} has no tokenizer files: copy the model's tokenizer.json and "
+                       "tokenizer_config.json into it, or re-convert from a folder that has them")
     return AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
 
 

@@ -84,16 +84,42 @@ _SPD_COLUMNS = [
 ]
 
 
-def print_stats_table(results: list[dict], title: str) -> None:
+_COMPACT = {"new_tokens": "new", "prefill_seconds": "prefill", "decode_seconds": "decode",  # key: header
+            "decode_tokens_per_s": "tok/s", "ms_per_token": "ms/tok", "acceptance_rate": "alpha",
+            "equivalent_accept_length": "E", "stop_reason": "stop"}
+COMPACT_BELOW = 100  # terminal columns under which the compact layout is used
+
+
+def print_stats_table(results: list[dict], title: str, console=None) -> None:
+    """The per-prompt stats table on stderr, sized to the terminal (rich detects its width).
+
+    The full layout when it fits; under COMPACT_BELOW columns, or when it would not fit, a compact
+    one (fewer columns, no vertical rules); the JSON report always has every number.
+    """
     from rich.console import Console
+    from rich.measure import Measurement
+
+    console = console or Console(stderr=True)
+    table = stats_table(results, title, compact=False)
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    if console.width < COMPACT_BELOW or natural > console.width:
+        table = stats_table(results, title, compact=True)
+    console.print(table)
+
+
+def stats_table(results: list[dict], title: str, compact: bool):
+    from rich import box
     from rich.table import Table
 
     speculative = any(r["stats"].get("verified") for r in results)
     columns = _COLUMNS + (_SPD_COLUMNS if speculative else []) + [("stop", "stop_reason", "{}")]
-    table = Table(title=title)
+    if compact:
+        columns = [(_COMPACT[key], key, fmt) for _, key, fmt in columns if key in _COMPACT]
+    table = Table(title=title, box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+                  caption="times in seconds; every column: report.json=PATH" if compact else None)
     table.add_column("#", justify="right")
     for header, _, _ in columns:
         table.add_column(header, justify="right")
     for i, r in enumerate(results):
         table.add_row(str(i), *(fmt.format(r["stats"][key]) for _, key, fmt in columns))
-    Console(stderr=True, width=170).print(table)
+    return table

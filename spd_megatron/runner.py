@@ -61,26 +61,32 @@ def run_decode(cfg: SPDConfig, ctx=None) -> Optional[list[dict]]:
 
 
 def main(argv: Optional[Sequence[str]] = None, config: str = "default", job=None, prog: str = "decode.py") -> int:
-    """CLI: ``[--config NAME|PATH] [key=value ...]``. Exit 0, 2 (bad input) or 1 (bug).
+    """CLI: ``[--config NAME|PATH] [--verbose] [key=value ...]``. Exit 0, 2 (bad input) or 1 (bug).
 
     ``job(cfg)`` runs on every rank (default: run_decode); tools/eval.py passes its own.
     """
     import argparse
 
-    from spd_megatron.parallel.init import read_launch_env, shutdown_parallel
-    from spd_megatron.parallel.link import report_failure
+    from spd_megatron.console import configure_output, level_from_argv
 
     parser = argparse.ArgumentParser(prog=prog, description="See README.md and spd_megatron/config.py.")
     parser.add_argument("--config", default=config, help="preset name (spd_megatron/configs) or YAML path")
+    parser.add_argument("--verbose", action="store_true", help="log_level=info: show every log line and warning")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_output(level_from_argv(args.overrides, args.verbose))  # before megatron is imported
+
+    from spd_megatron.parallel.init import read_launch_env, shutdown_parallel
+    from spd_megatron.parallel.link import report_failure
+
     rank = read_launch_env().rank
     try:
-        (job or run_decode)(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, [*args.overrides, *(["log_level=info"] if args.verbose else [])])
+        configure_output(cfg.log_level)
+        (job or run_decode)(cfg)
     except SPDError as err:
         report_failure(rank, str(err))
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_error_once(rank, str(err))
         return 2
     except Exception as err:  # noqa: BLE001 - a bug: show it, and tell the other ranks
         report_failure(rank, f"{type(err).__name__}: {err}")
@@ -89,3 +95,23 @@ def main(argv: Optional[Sequence[str]] = None, config: str = "default", job=None
     finally:
         shutdown_parallel()
     return 0
+
+
+ERROR_GRACE_S = 5.0  # how long a non-zero rank waits for rank 0 to print the error instead
+
+
+def print_error_once(rank: int, message: str) -> None:
+    """``error: message`` on rank 0; another rank prints only if rank 0 has not within the grace.
+
+    Every rank usually hits the same bad input; rank 0 says so. A rank that failed alone still
+    speaks: rank 0 is then either printing the failure it learnt of (and says it did), or it is
+    busy, and the grace runs out. The launcher stops the other ranks once one exits, so waiting
+    here never hides rank 0's line.
+    """
+    from spd_megatron.parallel.link import error_shown_by_rank0, mark_error_shown
+
+    if rank != 0 and error_shown_by_rank0(ERROR_GRACE_S):
+        return
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if rank == 0:
+        mark_error_shown()

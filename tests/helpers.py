@@ -17,6 +17,7 @@ def tiny_config(ckpt, tp: int = 1, pp: int = 0, split=(), **overrides) -> SPDCon
     cfg.parallel.layers_per_stage = list(split)
     cfg.parallel.timeout_s = 60
     cfg.schedule.prefill_chunk_size = 5  # several chunks, so chunked prefill is exercised
+    cfg.draft.allow_random = True  # no trained draft exists for the tiny models
     for key, value in overrides.items():
         section, _, field = key.partition("__")
         setattr(getattr(cfg, section), field, value) if field else setattr(cfg, section, value)

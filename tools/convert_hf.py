@@ -11,7 +11,6 @@ SRC: an HF model folder (config.json + safetensors), a .gguf file, or a builtin 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from spd_megatron.errors import SPDError
@@ -31,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from spd_megatron.console import configure_output
+
+    configure_output("warning")
     args = parse_args(argv)
     try:
         from spd_megatron.convert.pipeline import convert_checkpoint_to_hf, convert_hf_to_checkpoint

@@ -51,6 +51,7 @@ def save_checkpoint(out_dir: str | Path, mc_sd: dict[str, torch.Tensor], arch: A
         record = {"format_version": FORMAT_VERSION, "arch": arch.to_dict(), "dtype": dtype,
                   **(extra or {})}
         (tmp / RECORD).write_text(json.dumps(record, indent=2))
+        check_checkpoint(tmp, tokenizer=tokenizer is not None)  # a folder in place is always complete
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -75,6 +76,15 @@ def read_record(ckpt_dir: str | Path) -> dict:
     if not (ckpt_dir / WEIGHTS).is_file():
         raise SPDError(f"checkpoint {ckpt_dir} has no {WEIGHTS}; re-convert it")
     return record
+
+
+def check_checkpoint(ckpt_dir: str | Path, tokenizer: bool = True) -> None:
+    """Raise SPDError unless the folder holds a readable record, the weights and (if asked) a tokenizer."""
+    from spd_megatron.convert.sources import has_tokenizer_files
+
+    read_record(ckpt_dir)
+    if tokenizer and not has_tokenizer_files(Path(ckpt_dir)):
+        raise SPDError(f"checkpoint {ckpt_dir} has no tokenizer files; re-convert it")
 
 
 def read_arch(ckpt_dir: str | Path) -> ArchSpec:

@@ -122,9 +122,7 @@ def load_hf_state_dict(
     source = resolve_source(src)
     if source.is_gguf:
         model, tokenizer = _load_gguf_model(source)
-        state_dict = {k: v.detach() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state_dict.pop(LM_HEAD, None)  # same storage as the embedding; HF files omit it
+        state_dict = _model_state_dict(model)
         config = model.config
     else:
         from transformers import AutoConfig
@@ -136,23 +134,26 @@ def load_hf_state_dict(
     return state_dict, config, tokenizer
 
 
-def materialize_hf_folder(src: SourceLike, out_dir: Union[str, os.PathLike]) -> Path:
+def materialize_hf_folder(src: SourceLike, out_dir: Union[str, os.PathLike], rebuild: bool = False) -> Path:
     """Make sure a source is available as a plain HF folder, converting a GGUF once.
 
     An HF folder source is returned as is. A GGUF or builtin source is dequantized and written
     to ``out_dir`` (config.json, model.safetensors, tokenizer files, chat template) through a
-    temporary folder renamed into place, so a crash never leaves a half-written folder. If
-    ``out_dir`` already holds an HF folder, it is reused without reading the GGUF.
+    temporary folder that is checked (``check_hf_folder``) and then renamed into place, so a crash
+    never leaves a half-written folder. The files are written by us, not by ``save_pretrained``,
+    which writes no weights or config on a non-zero torch.distributed rank. If ``out_dir``
+    already holds a complete HF folder, it is reused without reading the GGUF.
 
     Args:
         src: see ``resolve_source``.
         out_dir: where to write the HF folder for a GGUF source.
+        rebuild: replace an incomplete ``out_dir`` (a cache folder) instead of refusing it.
 
     Returns:
         The HF folder to load from.
 
     Raises:
-        SPDError: see ``resolve_source``; also ``out_dir`` exists but is not an HF folder.
+        SPDError: see ``resolve_source``; also ``out_dir`` exists, is incomplete and not ``rebuild``.
     """
     source = resolve_source(src)
     if not source.is_gguf:
@@ -160,15 +161,31 @@ def materialize_hf_folder(src: SourceLike, out_dir: Union[str, os.PathLike]) -> 
     out = Path(out_dir).expanduser()
     if out.exists():
         try:
-            return resolve_source(out).folder
+            check_hf_folder(out)
+            return out
         except SPDError as err:
-            raise SPDError(f"cannot reuse {out}: {err}; delete it or pick another folder") from None
+            if not rebuild:
+                raise SPDError(f"cannot reuse {out}: {err}; delete it (rm -rf {out}) or pick another "
+                               "folder") from None
+            logger.warning("rebuilding %s: %s", out, err)
     model, tokenizer = _load_gguf_model(source)
     logger.info("writing HF folder %s from %s", out, source.path)
-    with _atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
+    return save_hf_folder(_model_state_dict(model), model.config, tokenizer, out, overwrite=True)
+
+
+def check_hf_folder(folder: Path) -> None:
+    """Raise SPDError unless ``folder`` holds a readable config.json, its weights and a tokenizer."""
+    _safetensors_files(folder)
+    try:
+        json.loads((folder / "config.json").read_text())
+    except ValueError as err:
+        raise SPDError(f"model folder {folder}: config.json is not valid JSON ({err})") from None
+    if not has_tokenizer_files(folder):
+        raise SPDError(f"model folder {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def save_hf_folder(
@@ -213,6 +230,9 @@ def save_hf_folder(
         save_torch_state_dict({k: v.detach().contiguous() for k, v in hf_sd.items()}, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            check_hf_folder(tmp)  # before the rename: a folder in place is always complete
+        else:
+            _safetensors_files(tmp)
     return out
 
 
@@ -270,13 +290,32 @@ def _read_safetensors(folder: Path) -> dict[str, Tensor]:
     return state_dict
 
 
+def _model_state_dict(model: Any) -> dict[str, Tensor]:
+    """A loaded HF model's tensors under the keys of HF's saved files."""
+    state_dict = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state_dict.pop(LM_HEAD, None)  # same storage as the embedding; HF files omit it
+    return state_dict
+
+
 def _load_folder_tokenizer(folder: Path) -> Optional[Any]:
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        logger.warning("model folder %s has no tokenizer files; continuing without a tokenizer", folder)
+    if not has_tokenizer_files(folder):
+        logger.warning("model folder %s has no tokenizer files; converting without a tokenizer (add the "
+                       "model's tokenizer.json to the checkpoint before decoding)", folder)
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (ValueError, OSError, KeyError, ImportError) as err:
+        raise SPDError(f"model folder {folder}: its tokenizer does not load ({_first_line(err)}); copy the "
+                       "model's tokenizer.json (or tokenizer.model, or vocab.json + merges.txt) into it") from None
+
+
+def _first_line(err: Exception) -> str:
+    """The exception's text on one line, shortened."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _load_gguf_model(source: HFSource) -> tuple[Any, Any]:

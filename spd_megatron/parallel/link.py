@@ -42,6 +42,7 @@ dedicated draft rank that may share a GPU uses this (parallel/init.py: ``pick_ba
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import IntEnum
@@ -343,6 +344,32 @@ def report_failure(rank: int, message: str) -> None:
         store.compare_set(_FAILURE_KEY, "", f"rank {rank}: {message}")
     except Exception:  # noqa: BLE001 - best effort while failing
         pass
+
+
+_SHOWN_KEY = "spd_megatron/error_shown"
+
+
+def mark_error_shown() -> None:
+    """Rank 0 has printed the run's error: the other ranks need not print theirs."""
+    store = _store()
+    if store is not None:
+        try:
+            store.set(_SHOWN_KEY, "1")
+        except Exception:  # noqa: BLE001 - best effort while failing
+            pass
+
+
+def error_shown_by_rank0(wait_s: float) -> bool:
+    """True once rank 0 says it printed the run's error; False if it has not within ``wait_s``."""
+    store, deadline = _store(), time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if store is not None and store.check([_SHOWN_KEY]):
+                return True
+        except Exception:  # noqa: BLE001 - store gone: rank 0 has exited
+            return False
+        time.sleep(0.05)
+    return False
 
 
 def raise_peer_failure() -> None:

@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from spd_megatron.config import ParallelConfig, load_config
 from spd_megatron.draft.pdm import PDM_WEIGHTS, PipelineDraftModule, load_pdm_weights, read_pdm_config
-from spd_megatron.engine import SHIPPED_DRAFTS, draft_path
+from spd_megatron.engine import SHIPPED_DRAFTS, draft_path, pdm_config
+from spd_megatron.errors import SPDError
 from spd_megatron.parallel.layout import split_layers
 from spd_megatron.target.arch import ArchSpec
 
@@ -29,6 +30,19 @@ def test_a_draft_ships_for_the_default_split_and_is_picked(n):
     other = [split[0] + 1, split[1] - 1, *split[2:]]
     assert draft_path(load_config("default", []), other) == ""  # another layout: not this draft
     assert draft_path(load_config("default", ["draft.path=/x"]), split) == "/x"  # explicit path wins
+
+
+def test_spd_without_a_trained_draft_is_refused_unless_random_is_allowed():
+    """3 stages: no shipped draft. One line naming the shipped layouts, the training command and
+    draft.allow_random; with allow_random the random PDM's config is built."""
+    arch = ArchSpec.from_dict(read_pdm_config(SHIPPED_DRAFTS / BUILTIN / "n2").target)
+    cfg = load_config("default", ["schedule.name=spd"])
+    with pytest.raises(SPDError, match=r"no trained draft for 3 stages, layers_per_stage=\[10,10,10\]: drafts "
+                       r"ship for .* n=2 \(layers_per_stage=\[15,15\].* and n=4 .*python tools/train_draft.py "
+                       r"train.num_stages=3 parallel.layers_per_stage=\[10,10,10\].*draft.allow_random=true"):
+        pdm_config(cfg, arch, [10, 10, 10])
+    cfg.draft.allow_random = True
+    assert pdm_config(cfg, arch, [10, 10, 10]).split == [10, 10, 10]
 
 
 @pytest.mark.distributed

@@ -56,7 +56,7 @@ def _worker(rank, world_size, ckpt, tp, split, kinds):
         if kind == "adversarial":
             assert s.accepted == 0 and s.rollbacks == s.verified == NEW - 1
             assert s.cycles == (NEW - 1) * n  # every token costs a full refill: 1/n per cycle
-            assert abs(s.tokens_per_cycle - 1 / n) < 1e-9
+            assert s.tokens_per_cycle == pytest.approx(1 / n, rel=1e-9)
 
 
 CASES = [  # world, tp, explicit split

@@ -87,7 +87,7 @@ def test_spd_sampling_matches_target_distribution(tiny_models, tmp_path, placeme
     for o in outs:
         counts[o] = counts.get(o, 0) + 1
     law = exact_joint(load_hf(hf_dir))
-    assert abs(sum(law.values()) - 1) < 1e-5 and set(counts) <= set(law)
+    assert sum(law.values()) == pytest.approx(1.0, rel=1e-5) and set(counts) <= set(law)
     assert chi_square_pvalue(counts, law, len(outs)) > 1e-3
     # Power: the same samples must reject a law moved by total variation 0.05.
     top, low = max(law, key=law.get), min(law, key=law.get)

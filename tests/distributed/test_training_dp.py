@@ -271,3 +271,28 @@ def test_a_tp2_teacher_gives_the_tp1_features(tiny_models, tmp_path):
     ckpt, out = tiny_models["llama"][1], str(tmp_path / "tp1.pt")
     run_distributed(_tp_features_worker, 1, ckpt, out, timeout_s=120)
     run_distributed(_tp_features_worker, 2, ckpt, out, timeout_s=120)
+
+
+def _generate_worker(rank, world_size, ckpt, data, out, train):
+    from spd_megatron.draft.training.run import TimeBudgetReached, train_draft
+
+    cfg = run_config(ckpt, data, out, 2, regenerate="greedy", regenerate_max_new_tokens=12, limit=12, **train)
+    if train:
+        with pytest.raises(TimeBudgetReached):  # every rank stops, none waits forever
+            train_draft(cfg)
+    else:
+        train_draft(cfg)
+
+
+@pytest.mark.distributed
+def test_dp_ranks_wait_for_rank_0s_self_distillation(tiny_models, tmp_path):
+    ckpt = tiny_models["llama"][1]
+    data = tmp_path / "data.jsonl"
+    write_data(data)
+    run_distributed(_generate_worker, 2, ckpt, str(data), str(tmp_path / "run"), {"time_budget_min": 1e-9},
+                    timeout_s=240)
+    assert (tmp_path / "run" / "self_distill_greedy.done").read_text() == "stopped\n"
+    run_distributed(_generate_worker, 2, ckpt, str(data), str(tmp_path / "run"), {}, timeout_s=240)
+    assert len((tmp_path / "run" / "self_distill_greedy.jsonl").read_text().splitlines()) >= 8
+    assert (tmp_path / "run" / "self_distill_greedy.done").read_text() == "complete\n"
+    assert json.loads((tmp_path / "run" / "final" / "training.json").read_text())["steps"] == 2

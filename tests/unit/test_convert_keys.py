@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 
 import pytest
 import torch
@@ -329,9 +330,12 @@ def test_failed_save_leaves_no_folder(tmp_path):
 def test_materialize_reuses_an_existing_folder_and_refuses_junk(tmp_path):
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"")  # never read: the output folder is checked first
-    done = sources.save_hf_folder(file_state_dict("llama_tied"), tiny_model("llama_tied").config, None,
-                                  tmp_path / "done")
+    done = sources.save_hf_folder(file_state_dict("llama_tied"), tiny_model("llama_tied").config,
+                                  tiny_tokenizer(), tmp_path / "done")
     assert sources.materialize_hf_folder(gguf, done) == done
     (tmp_path / "junk").mkdir()
-    with pytest.raises(SPDError, match=r"cannot reuse .*junk.*no config\.json"):
+    with pytest.raises(SPDError, match=r"cannot reuse .*junk.*no config\.json.*rm -rf .*junk"):
         sources.materialize_hf_folder(gguf, tmp_path / "junk")
+    shutil.copytree(done, tmp_path / "no-tokenizer", ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(SPDError, match=r"cannot reuse .*no-tokenizer.*no tokenizer files"):
+        sources.materialize_hf_folder(gguf, tmp_path / "no-tokenizer")

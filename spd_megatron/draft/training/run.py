@@ -91,43 +91,59 @@ def train_draft(cfg: SPDConfig) -> Path:
 def self_distill_data(cfg: SPDConfig, ckpt: Path, out: Path, dp=None, deadline: Optional[float] = None) -> Path:
     """The training prompts answered by the target itself (cached and resumable in ``out``).
 
-    With data parallelism rank 0 generates and the other ranks wait for its marker file (up to
-    ``REGENERATE_WAIT_S``); generate first in one process to keep every core busy.
+    With several ranks, rank 0 generates on all of this node's cores while the others sleep until
+    its marker file says the data is complete (or that the time budget stopped it).
     """
+    t = cfg.train
+    path = out / f"self_distill_{t.regenerate}.jsonl"
+    done = path.with_suffix(".done")
+    if dp is not None and dp.is_main:
+        done.unlink(missing_ok=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()  # no rank reads a marker left by an earlier run
+    if dp is not None and not dp.is_main:
+        return _wait_for(done, path, deadline)
+    complete = _generate(cfg, ckpt, out, path, deadline)
+    done.write_text("complete\n" if complete else "stopped\n")
+    if not complete:
+        raise TimeBudgetReached(f"train.time_budget_min={t.time_budget_min} reached while generating {path}; "
+                                "rerun the same command to continue")
+    return path
+
+
+def _generate(cfg: SPDConfig, ckpt: Path, out: Path, path: Path, deadline: Optional[float]) -> bool:
+    import os
+
     from spd_megatron.convert.pipeline import hf_folder
     from spd_megatron.draft.training.regenerate import regenerate
 
     t = cfg.train
-    path = out / f"self_distill_{t.regenerate}.jsonl"
-    done = path.with_suffix(".done")
-    if dp is not None and not dp.is_main:
-        return _wait_for(done, path)
-    done.unlink(missing_ok=True)
-    hf_dir = hf_folder(cfg.model, ckpt, out / "target_hf")
-    complete = regenerate(t.data, path, hf_dir, t.limit, t.regenerate, t.regenerate_batch,
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the others sleep
+    try:
+        hf_dir = hf_folder(cfg.model, ckpt, out / "target_hf")
+        return regenerate(t.data, path, hf_dir, t.limit, t.regenerate, t.regenerate_batch,
                           max_prompt=t.max_len // 2, max_new_tokens=t.regenerate_max_new_tokens, seed=t.seed,
                           deadline=deadline)
-    if not complete:
-        raise TimeBudgetReached(f"train.time_budget_min={t.time_budget_min} reached while generating {path}; "
-                                "rerun the same command to continue")
-    done.write_text("complete\n")
-    return path
+    finally:
+        torch.set_num_threads(threads)
 
 
-REGENERATE_WAIT_S = 6 * 3600
+REGENERATE_WAIT_S = 12 * 3600  # without a time budget
 
 
 class TimeBudgetReached(SPDError):
     """The time budget ran out before training started (generation is resumable)."""
 
 
-def _wait_for(done: Path, path: Path) -> Path:
-    deadline = time.monotonic() + REGENERATE_WAIT_S
+def _wait_for(done: Path, path: Path, deadline: Optional[float]) -> Path:
+    give_up = deadline + 600 if deadline is not None else time.monotonic() + REGENERATE_WAIT_S
     while not done.is_file():
-        if time.monotonic() > deadline:
-            raise SPDError(f"rank 0 did not finish {path} within {REGENERATE_WAIT_S} s; generate it first "
-                           "in one process (same command without torchrun), then relaunch")
+        if time.monotonic() > give_up:
+            raise SPDError(f"rank 0 did not finish {path} in time; rerun the same command to continue")
         time.sleep(5)
+    if done.read_text().strip() != "complete":
+        raise TimeBudgetReached(f"rank 0 stopped generating {path} at the time budget; rerun to continue")
     return path
 
 
