@@ -43,6 +43,11 @@ class ModelConfig:
     cuda_graphs: bool = False
     """Replay each stage's one-token decode step as a CUDA graph (GPU only; not with fp8).
     A capture that fails falls back to eager steps with one warning (docs: target/cuda_graphs.py)."""
+    compile: str = "auto"
+    """torch.compile (inductor) of each stage's static-shape steps (the one-token step and the
+    prefill chunk; the PDM's rows), compiled once at start-up, kernels cached under cache_dir/inductor:
+    on | off | auto (= off: on 2 CPU cores it does not pay for its compile time; docs/benchmarks.md).
+    TP=1 and the lean spec only; any failure falls back to eager with one warning."""
 
 
 @dataclass
@@ -306,6 +311,8 @@ def validate_config(cfg: SPDConfig) -> None:
     checks = [
         (cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype} must be one of {DTYPES}"),
         (cfg.model.max_seq_len > 0, "model.max_seq_len must be > 0"),
+        (cfg.model.compile in ("auto", "on", "off"),
+         f"model.compile={cfg.model.compile} must be auto, on or off"),
         (cfg.model.layer_spec in ("auto", "lean", "local", "transformer_engine"),
          f"model.layer_spec={cfg.model.layer_spec} must be auto, lean, local or transformer_engine"),
         (not (cfg.model.fp8 and cfg.model.layer_spec in ("lean", "local")),

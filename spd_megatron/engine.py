@@ -75,6 +75,9 @@ def build_stage(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: ArchSpec
         load_stage_weights(ckpt, model, arch, placement.layer_start, ctx.tp_rank, ctx.tp_size)
     stage = TargetStage(model, arch, placement, cfg.model.max_seq_len, device=ctx.device)
     enable_gpu_paths(cfg, ctx, stage)
+    from spd_megatron.target.compiled import enable_compiled_step
+
+    enable_compiled_step(cfg, ctx, stage)  # model.compile
     return stage
 
 
@@ -182,6 +185,10 @@ def pdm_draft(cfg: SPDConfig, module, ctx: ParallelContext):
 
         graphs = make_pdm_graphs(module, 1 if ctx.is_draft_rank else ctx.tp_size, p2p_backend(ctx),
                                  None if ctx.is_draft_rank else ctx.tp_group)
+    if graphs is None:
+        from spd_megatron.target.compiled import compiled_pdm_step
+
+        graphs = compiled_pdm_step(cfg, module, 1 if ctx.is_draft_rank else ctx.tp_size)  # model.compile
     return PDMDraft(module, graphs)
 
 

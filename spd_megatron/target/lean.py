@@ -20,6 +20,8 @@ load as before; only ``forward`` is replaced, and it is put in through the ``Mod
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -94,6 +96,20 @@ class RopeTables:
 ROPE_TABLES = RopeTables()
 
 
+class RopeCosSin(NamedTuple):
+    """Precomputed RoPE rows (what ``RopeTables.get`` returns), passed as ``rotary_pos_emb``."""
+
+    cos: Tensor  # [S, 1, 1, d]
+    signed_sin: Tensor  # [S, 1, 1, d]
+
+
+def rope_tables(rotary_pos_emb) -> tuple[Tensor, Tensor] | None:
+    """(cos, signed sin) tables from megatron's angle table (or its (q, k) pair), or as given."""
+    if rotary_pos_emb is None or isinstance(rotary_pos_emb, RopeCosSin):
+        return rotary_pos_emb
+    return ROPE_TABLES.get(rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb)
+
+
 def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """Megatron's non-interleaved RoPE: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s].
 
@@ -145,8 +161,7 @@ class LeanSelfAttention(SelfAttention):
         if inference_context is not None:
             query, key, value = self._through_cache(inference_context, query, key, value, rotary_pos_emb)
         elif rotary_pos_emb is not None:
-            table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-            cos, sin = ROPE_TABLES.get(table)
+            cos, sin = rope_tables(rotary_pos_emb)
             cos, sin = cos[: query.shape[0]], sin[: query.shape[0]]
             query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         context = self.core_attention(query, key, value, attention_mask)  # [sq, b, np * hn]
@@ -169,18 +184,18 @@ class LeanSelfAttention(SelfAttention):
         """RoPE the new rows, write them to the cache, return query and the keys/values to attend."""
         keys, values = self._cache_buffers(context, key)
         position = getattr(context, "static_position", None)
-        table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+        tables = rope_tables(rotary_pos_emb)
         if position is None:
             start, end = context.sequence_len_offset, context.sequence_len_offset + query.shape[0]
-            if table is not None:
-                cos, sin = ROPE_TABLES.get(table)
+            if tables is not None:
+                cos, sin = tables
                 cos, sin = cos[start:end], sin[start:end]
                 query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
             keys[start:end] = key
             values[start:end] = value
             return query, keys[:end], values[:end]
-        if table is not None:
-            cos, sin = ROPE_TABLES.get(table)
+        if tables is not None:
+            cos, sin = tables
             cos, sin = cos.index_select(0, position), sin.index_select(0, position)  # [R, 1, 1, d]
             query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         keys.index_copy_(0, position, key)

@@ -26,7 +26,8 @@ class TargetStage:
     Devices: the model lives on ``device``. Inputs given on another device (token ids built on the
     host, hidden states that came through a gloo link) are moved there first (a no-op on CPU);
     outputs stay there. ``decode_graphs`` (``model.cuda_graphs``) replays one-token steps as CUDA
-    graphs; None runs every step eagerly.
+    graphs; None runs every step eagerly. ``compiled`` (``model.compile``, target/compiled.py)
+    runs the row counts it was compiled for through ``torch.compile``.
     """
 
     def __init__(self, model: torch.nn.Module, arch: ArchSpec, placement: StagePlacement,
@@ -41,6 +42,7 @@ class TargetStage:
         self._hooks: list = []
         self._dummy_ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.decode_graphs = None  # a target.cuda_graphs.DecodeGraphs, or None (eager)
+        self.compiled = None  # a target.compiled.CompiledSteps, or None (eager)
 
     @property
     def produced_indices(self) -> range:
@@ -57,6 +59,20 @@ class TargetStage:
         for k in self.tap_indices:
             module = self._module_producing(k)
             self._hooks.append(module.register_forward_hook(self._recorder(k)))
+        if self.compiled is not None and self.cache.length == 0:
+            self.warm_up_compiled()  # compile the new tap set now, not during a decode
+
+    def warm_up_compiled(self) -> None:
+        """Compile every row count of ``self.compiled`` for the current taps (on an empty cache)."""
+        dtype = next(self.model.parameters()).dtype
+        h = self.arch.hidden_size
+
+        def make_input(count: int) -> Tensor:
+            if self.placement.is_first:
+                return torch.zeros(1, count, dtype=torch.long, device=self.device)  # [1, R] ids
+            return torch.zeros(count, 1, h, dtype=dtype, device=self.device)  # [R, 1, h]
+
+        self.compiled.warm_up(make_input, self.tap_indices)
 
     def _module_producing(self, k: int) -> torch.nn.Module:
         if k == 0:
@@ -88,6 +104,12 @@ class TargetStage:
         if count == 1 and self.decode_graphs is not None:
             out = self.decode_graphs.step(start, token_ids, hidden)
             if out is not None:
+                return out
+        if self.compiled is not None:
+            result = self.compiled.run(token_ids if self.placement.is_first else hidden, start, self.tap_indices)
+            if result is not None:
+                out, taps = result
+                self.taps = dict(taps)
                 return out
         return self.eager_forward(start, count, token_ids, hidden)
 
