@@ -113,16 +113,26 @@ async def complete(state: ServeState, body, request: Request, chat: bool):
     return answer
 
 
+async def next_event(job: Job, request: Optional[Request] = None) -> tuple:
+    """The job's next event; a request still waiting in the queue at its deadline gets a 504
+    event here (the decode thread would see it only when its turn comes), and a non-streamed
+    request whose client left is cancelled (a stream notices that by itself)."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if not job.started and time.monotonic() > job.deadline:
+                job.cancel("timeout")
+                return ("error", 504, "the request waited in the queue beyond serve.request_timeout_s")
+            if request is not None and await request.is_disconnected():
+                job.cancel("client")
+                raise APIError(499, "client closed the request") from None
+
+
 async def collect(state: ServeState, job: Job, out: output.OutputText, responder, request: Request) -> dict:
     """A non-streamed answer: wait for the result, cancel the sequence if the client leaves."""
     while True:
-        try:
-            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel("client")
-                raise APIError(499, "client closed the request") from None
-            continue
+        event = await next_event(job, request)
         if event[0] == "tokens":
             out.add(event[1])
             if out.stopped:
@@ -158,7 +168,7 @@ async def stream_events(state: ServeState, job: Job, out: output.OutputText, res
         if responder.chat:
             yield sse(responder.chunk(None, role=True))
         while True:
-            event = await job.events.get()
+            event = await next_event(job)
             if event[0] == "error":
                 kind = "server_error" if event[1] >= 500 else "invalid_request_error"
                 yield sse(APIError(event[1], event[2], kind=kind).body())

@@ -101,3 +101,13 @@ def test_fifo_refuses_beyond_max_queue_and_drops_waiting_on_shutdown():
     with pytest.raises(RuntimeError, match="shutting down"):
         worker.submit(jobs[2])
     loop.close()
+
+
+def test_a_request_still_queued_at_its_deadline_gets_504():
+    from spd_megatron.serve.app import next_event
+
+    loop = asyncio.new_event_loop()
+    job = Job(DecodeRequest((1,), 1), loop, deadline=time.monotonic() - 1)  # never started
+    assert loop.run_until_complete(next_event(job))[:2] == ("error", 504)
+    assert job.cancel_reason == "timeout" and job.should_stop()
+    loop.close()
