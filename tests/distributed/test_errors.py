@@ -153,3 +153,26 @@ def test_cli_error_is_one_line_on_every_rank(tiny_models):
     # torchrun prints its own ChildFailedError summary; no frame of ours or megatron's may show
     frames = [line for line in proc.stderr.splitlines() if line.strip().startswith('File "')]
     assert not [f for f in frames if "megatron/" in f], frames
+
+
+def _print_error(rank, world_size, failing):
+    from spd_megatron.runner import print_error_once
+
+    if rank in failing:
+        print_error_once(rank, f"boom on rank {rank}")
+    if rank == 0:
+        time.sleep(1.0)  # rank 0 hosts the store here; under torchrun the agent does, and outlives it
+
+
+@pytest.mark.distributed
+def test_an_error_every_rank_hits_is_printed_once(capfd, monkeypatch):
+    """Rank 0 prints it; rank 1 sees that and stays quiet. Failing alone, rank 1 prints its own."""
+    import spd_megatron.runner as runner
+
+    monkeypatch.setattr(runner, "ERROR_GRACE_S", 2.0)
+    run_distributed(_print_error, 2, (0, 1), timeout_s=60)
+    err = capfd.readouterr().err
+    assert err.count("error: boom on rank") == 1 and "error: boom on rank 0" in err, err
+    run_distributed(_print_error, 2, (1,), timeout_s=60)
+    err = capfd.readouterr().err
+    assert err.count("error: boom on rank") == 1 and "error: boom on rank 1" in err, err
