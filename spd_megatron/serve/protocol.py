@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from spd_megatron.serve.wire import DecodeRequest
 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's _SAMPLING_EPS)
 
 
 class APIError(Exception):
@@ -141,6 +142,8 @@ def check_sampling(body: _Sampling, defaults) -> tuple[float, float, int]:
     top_k = defaults.top_k if body.top_k is None else max(body.top_k, 0)  # vLLM's -1 = off
     if not 0 <= temperature <= 2:
         raise APIError(400, f"temperature={temperature} must be in [0, 2]", "temperature")
+    if temperature < GREEDY_BELOW:  # 1 / temperature would overflow the logits: greedy, as vLLM
+        temperature = 0.0
     if not 0 < top_p <= 1:
         raise APIError(400, f"top_p={top_p} must be in (0, 1]", "top_p")
     if body.top_k is not None and body.top_k < -1:

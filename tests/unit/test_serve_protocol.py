@@ -34,6 +34,7 @@ def test_chat_request_applies_the_template_and_defaults():
     assert req.prompt_ids == tuple(TOK.apply_chat_template([{"role": "user", "content": "hi"}],
                                                            add_generation_prompt=True, tokenize=True)["input_ids"])
     assert (req.max_new_tokens, req.temperature, req.seed) == (16, 0.0, SamplingConfig().seed)
+    assert request({"prompt": "x", "temperature": 1e-30}).temperature == 0.0  # no overflow: greedy
 
 
 @pytest.mark.parametrize("body, param", [
