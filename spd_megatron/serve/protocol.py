@@ -119,7 +119,10 @@ def prompt_ids(body: Union[ChatRequest, CompletionRequest], tokenizer) -> list[i
                     for m in body.messages]
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as err:  # noqa: BLE001 - a template that refuses these messages (jinja raise)
+            raise APIError(400, f"the chat template refused these messages: {err}", "messages") from None
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         return [int(i) for i in ids]
     prompt = body.prompt
