@@ -137,7 +137,7 @@ class TimeBudgetReached(SPDError):
 
 
 def _wait_for(done: Path, path: Path, deadline: Optional[float]) -> Path:
-    give_up = deadline + 600 if deadline is not None else time.monotonic() + REGENERATE_WAIT_S
+    give_up = (deadline if deadline is not None else time.monotonic()) + REGENERATE_WAIT_S  # rank 0 ends its batch
     while not done.is_file():
         if time.monotonic() > give_up:
             raise SPDError(f"rank 0 did not finish {path} in time; rerun the same command to continue")
