@@ -6,7 +6,7 @@
 Same config tree as examples/decode.py plus ``serve.*`` (host, port, max_queue, api_key,
 request_timeout_s, model_name). Every rank loads its part once; rank 0 serves HTTP, the others
 decode what it sends them (spd_megatron/serve/wire.py). Exit 0 after SIGTERM/SIGINT, 2 on bad
-input, 1 when a rank failed.
+input or when a rank failed (one ``error:`` line names the cause), 1 on a bug.
 """
 
 from __future__ import annotations

@@ -8,10 +8,9 @@ import logging
 import signal
 import sys
 import time
-import traceback
 from typing import Optional, Sequence
 
-from spd_megatron.config import SPDConfig, load_config
+from spd_megatron.config import SPDConfig
 from spd_megatron.errors import SPDError
 
 log = logging.getLogger(__name__)
@@ -57,14 +56,15 @@ def serving_link(engine):
                      control_group=ctx.claim_control_group())
 
 
-def follow(engine, link, flag: _SignalFlag) -> int:
-    """Ranks other than 0: decode rank 0's requests until SHUTDOWN (0), or give up after a
-    SIGTERM that rank 0 did not follow with SHUTDOWN within the receive timeout (1)."""
+def follow(engine, link, flag: _SignalFlag) -> None:
+    """Ranks other than 0: decode rank 0's requests until SHUTDOWN; SPDError after a SIGTERM that
+    rank 0 did not follow with SHUTDOWN within the receive timeout."""
     from spd_megatron.serve.wire import follow_rank0
 
     grace = engine.cfg.parallel.timeout_s
-    outcome = follow_rank0(engine, link, lambda: bool(flag.at) and time.monotonic() - flag.at > grace)
-    return 0 if outcome is None else 1
+    if follow_rank0(engine, link, lambda: bool(flag.at) and time.monotonic() - flag.at > grace):
+        raise SPDError(f"rank {engine.ctx.rank}: SIGTERM, and rank 0 sent no SHUTDOWN within "
+                       f"parallel.timeout_s={grace:g} s; leaving without it")
 
 
 class _Server:
@@ -84,8 +84,8 @@ class _Server:
         return Server(config)
 
 
-def serve_rank0(cfg: SPDConfig, engine, link) -> int:
-    """Rank 0: the decode thread and the HTTP server; returns the exit code."""
+def serve_rank0(cfg: SPDConfig, engine, link) -> None:
+    """Rank 0: the decode thread and the HTTP server until SIGTERM/SIGINT or a failure (SPDError)."""
     from spd_megatron.serve.app import ServeState, build_app
     from spd_megatron.serve.prom import ServeMetrics
     from spd_megatron.serve.wire import heartbeat_seconds
@@ -115,14 +115,16 @@ def serve_rank0(cfg: SPDConfig, engine, link) -> int:
         raise SPDError(f"cannot listen on {cfg.serve.host}:{cfg.serve.port}; pick another serve.port") from None
     worker.join(cfg.parallel.timeout_s + 2 * worker.heartbeat_s)
     if worker.failure:
-        print(f"error: {worker.failure}", file=sys.stderr, flush=True)
-        return 1
+        raise SPDError(worker.failure)
     print("spd_megatron.serve: shut down cleanly", file=sys.stderr, flush=True)
-    return 0
 
 
-def run_server(cfg: SPDConfig) -> int:
-    """Build this rank's engine, wait until every rank is ready, then serve or follow."""
+def run_server(cfg: SPDConfig) -> None:
+    """Build this rank's engine, wait until every rank is ready, then serve or follow.
+
+    Raises:
+        SPDError: bad input, or the pipeline failed (a rank died) while serving.
+    """
     from spd_megatron.engine import build_engine
     from spd_megatron.parallel.link import gather_to_rank0
 
@@ -132,36 +134,14 @@ def run_server(cfg: SPDConfig) -> int:
     link = serving_link(engine)
     gather_to_rank0(True)  # one-off: every rank has loaded its part
     if engine.ctx.rank == 0:
-        return serve_rank0(cfg, engine, link)
-    return follow(engine, link, flag)
+        serve_rank0(cfg, engine, link)
+    else:
+        follow(engine, link, flag)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI: ``[--config NAME|PATH] [key=value ...]``; exit 0, 2 (bad input) or 1 (a rank failed)."""
-    import argparse
+    """CLI: ``[--config NAME|PATH] [--verbose] [key=value ...]``; exit 0, 2 (bad input, or a rank
+    failed: the error line names it, as examples/decode.py does) or 1 (a bug)."""
+    from spd_megatron.runner import main as run_main
 
-    from spd_megatron.parallel.init import read_launch_env, shutdown_parallel
-    from spd_megatron.parallel.link import report_failure
-
-    parser = argparse.ArgumentParser(prog="python -m spd_megatron.serve",
-                                     description="OpenAI-compatible server; see README.md (Serving).")
-    parser.add_argument("--config", default="default", help="preset name (spd_megatron/configs) or YAML path")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    rank = read_launch_env().rank
-    code = 0
-    try:
-        code = run_server(load_config(args.config, args.overrides))
-    except SPDError as err:
-        report_failure(rank, str(err))
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = 2
-    except Exception as err:  # noqa: BLE001 - a bug: show it, and tell the other ranks
-        report_failure(rank, f"{type(err).__name__}: {err}")
-        traceback.print_exc()
-        code = 1
-    finally:
-        if code == 0:
-            shutdown_parallel()  # after a failure a peer may be gone: do not wait on it
-    return code
+    return run_main(argv, job=run_server, prog="python -m spd_megatron.serve")
