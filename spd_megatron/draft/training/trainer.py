@@ -169,7 +169,8 @@ class PDMTrainer:
         self.dp = dp if dp is not None and dp.size > 1 else None
         self.net = self.block
         if self.dp is not None:
-            self.net = nn.parallel.DistributedDataParallel(self.block, process_group=self.dp.group)
+            self.net = nn.parallel.DistributedDataParallel(self.block, process_group=self.dp.group,
+                                                           broadcast_buffers=False)  # constant buffers
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -245,10 +246,10 @@ class PDMTrainer:
         sums = self._all_sum(sums)
         return float(sums[0]) / max(total, 1), float(sums[1]) / max(total, 1), total
 
-    def _micro(self, batches: list[Batch], fills: list[int], valids: list[Tensor]) -> tuple[Tensor, float, int]:
+    def _micro(self, batches: list[Batch], fills: list[int], valids: list[Tensor], net=None) -> tuple[Tensor, float, int]:
         seq_len = max(b.targets.shape[0] for b in batches)
         valid = torch.stack([F.pad(v, (0, seq_len - v.shape[0])) for v in valids]).to(self.device)  # [B, S]
-        student = self.net(pad_anchors(batches, self.device), fills, valid)  # [N, V_d]
+        student = (net or self.net)(pad_anchors(batches, self.device), fills, valid)  # [N, V_d]
         if batches[0].top is not None:  # cached features: the KL on the kept mass
             rows = [b.top.rows(v) for b, v in zip(batches, valids)]
             return topk_kl_sum(TopK(torch.cat([r.logp for r in rows]), torch.cat([r.index for r in rows])), student)
@@ -274,7 +275,7 @@ class PDMTrainer:
         n = self.module.cfg.num_stages
         for i in range(0, len(batches), chunk):
             part = batches[i:i + chunk]
-            kl, agree, count = self._micro(part, [n] * len(part), [self.valid(b) for b in part])
+            kl, agree, count = self._micro(part, [n] * len(part), [self.valid(b) for b in part], self.block)
             sums += torch.tensor([float(kl), agree, count])
         kl, agree, total = self._all_sum(sums).tolist()
         return {"kl": kl / max(total, 1), "agreement": agree / max(total, 1), "tokens": int(total)}
