@@ -29,7 +29,7 @@ second group of every rank made by ``parallel.init``: each (pair, group) carries
 only, its sends and receives match in order, and no cycle can form inside NCCL (a send waits only
 for the receiver's host to post that receive). Any new message kind (e.g. a request from a server
 rank) follows the same rule for free: pick the group with ``_group_to`` / ``_group_from``.
-tests/unit/test_p2p_ordering.py replays the schedules' recorded message sequences on a simulated
+tests/distributed/test_p2p_ordering.py replays the schedules' recorded message sequences on a simulated
 NCCL (per-pair in-order streams, bounded buffers) to check this. Without a reverse group (tools
 that build a bare link) the old rule holds: on NCCL the ring row is posted ahead only where the
 previous stage is not stage 0. On NCCL a payload receive does not block the host: the current

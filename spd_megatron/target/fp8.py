@@ -30,6 +30,7 @@ import torch
 from spd_megatron.errors import SPDError
 
 MIN_TE_VERSION = "2.2.0.dev0"  # Float8CurrentScaling (megatron-core: fp8_recipe="tensorwise")
+MCORE_TESTED_TE = ("2.9.0a0", "2.12.0")  # megatron-core 0.16.1's dev extra: >=2.9.0a0,<2.12.0
 FP8_RECIPE = dict(fp8="hybrid", fp8_recipe="tensorwise")
 
 
@@ -70,6 +71,20 @@ def fp8_config_fields(enabled: bool, te_version: Optional[str] = None) -> dict:
     if not enabled:
         return {}
     return fp8_recipe_fields(te_version if te_version is not None else installed_te_version())
+
+
+def te_support_line(te_version: Optional[str] = "installed") -> str:
+    """One line on what the (installed) Transformer Engine allows (printed by the docker build)."""
+    from packaging.version import Version
+
+    version = installed_te_version() if te_version == "installed" else te_version
+    if version is None:
+        return "Transformer Engine: not installed (layer_spec=auto picks a spec without TE; no FP8)"
+    fp8 = "FP8 (current scaling) available" if Version(version) >= Version(MIN_TE_VERSION) else \
+        "no FP8 (needs >= 2.2)"
+    low, high = MCORE_TESTED_TE
+    tested = "within" if Version(low) <= Version(version) < Version(high) else "OUTSIDE"
+    return f"Transformer Engine {version}: {fp8}; {tested} megatron-core 0.16.1's tested range 2.9-2.11"
 
 
 def pad_for_fp8(model: torch.nn.Module) -> None:

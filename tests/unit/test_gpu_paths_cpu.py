@@ -12,7 +12,13 @@ from spd_megatron.config import load_config
 from spd_megatron.errors import SPDError
 from spd_megatron.parallel.init import MIXED_BACKEND, comm_devices, local_world_size, pick_backend
 from spd_megatron.parallel.link import Header, Op, StageLink
-from spd_megatron.target.fp8 import FP8_RECIPE, fp8_config_fields, fp8_recipe_fields, installed_te_version
+from spd_megatron.target.fp8 import (
+    FP8_RECIPE,
+    fp8_config_fields,
+    fp8_recipe_fields,
+    installed_te_version,
+    te_support_line,
+)
 from spd_megatron.target.kv_cache import causal_mask
 from spd_megatron.target.specs import resolve_layer_spec_name
 from spd_megatron.target.te_attention import te_mask_choice
@@ -136,6 +142,9 @@ def test_fp8_recipe_is_current_scaling_and_refuses_old_te():
     from megatron.core.enums import Fp8Recipe
 
     assert Fp8Recipe(FP8_RECIPE["fp8_recipe"]) == Fp8Recipe.tensorwise  # megatron knows the name
+    assert te_support_line("2.10.0+abc").endswith("available; within megatron-core 0.16.1's tested range 2.9-2.11")
+    assert "no FP8 (needs >= 2.2); OUTSIDE" in te_support_line("2.1.0")
+    assert "OUTSIDE" in te_support_line("2.4.0+3cd6870") and "not installed" in te_support_line(None)
 
 
 def test_ring_rows_are_not_posted_ahead_of_nccl_sends_back_to_stage0():
