@@ -64,6 +64,9 @@ class ParallelConfig:
     """Longest wait for any message from another rank during decoding."""
     setup_timeout_s: float = 1800.0
     """Longest wait while another rank converts or loads the model."""
+    threads_per_rank: int = 0
+    """Intra-op CPU threads per rank. 0: OMP_NUM_THREADS when set, else the node's cores shared
+    evenly by its ranks (spd_megatron/parallel/threads.py; measurements in docs/benchmarks.md)."""
     prepost_receives: bool = True
     """Message headers travel on their own gloo channel whose receives are posted ahead, and the
     ring's next hidden row is received into a buffer posted before it is sent (parallel/link.py).
@@ -311,6 +314,7 @@ def validate_config(cfg: SPDConfig) -> None:
     checks = [
         (cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype} must be one of {DTYPES}"),
         (cfg.model.max_seq_len > 0, "model.max_seq_len must be > 0"),
+        (cfg.parallel.threads_per_rank >= 0, "parallel.threads_per_rank must be >= 0 (0: the rule)"),
         (cfg.model.compile in ("auto", "on", "off"),
          f"model.compile={cfg.model.compile} must be auto, on or off"),
         (cfg.model.layer_spec in ("auto", "lean", "local", "transformer_engine"),

@@ -6,9 +6,11 @@
 Runs, interleaved R times (A B C D A B C D ...) on the same prompts and max_new_tokens:
   hf_t1 / hf_t2   HF transformers ``generate`` (greedy, KV cache) in this process with
                   torch.set_num_threads(1 / 2); the model is loaded once.
-  ours_pp1/2      ``torchrun --standalone --nproc-per-node 1|2 examples/decode.py`` with
-                  schedule.name=autoregressive and OMP_NUM_THREADS=1 per rank; numbers come
-                  from its report.json (rank 0 = stage 0).
+  ours_pp<P>[_t<T>][_<spec>][_compiled]
+                  ``torchrun --standalone --nproc-per-node P examples/decode.py`` with
+                  schedule.name=autoregressive, OMP_NUM_THREADS=T per rank (default 1),
+                  model.layer_spec=<spec> (default: the config's, lean on CPU) and model.compile=on
+                  with _compiled; numbers come from its report.json (rank 0 = stage 0).
 Then a 2-process gloo ping-pong through StageLink (tools/bench_p2p.py).
 
 Decode tok/s is (new_tokens - 1) / (time after the first token) for both stacks, summed over
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -41,13 +44,49 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "spd_megatron"
 CONFIGS = ("hf_t1", "hf_t2", "ours_pp1", "ours_pp2")
-LABELS = {"hf_t1": "HF generate, 1 thread", "hf_t2": "HF generate, 2 threads",
-          "ours_pp1": "ours autoregressive PP=1", "ours_pp2": "ours autoregressive PP=2"}
+CONFIG_RE = re.compile(r"^(?:hf_t(?P<hf_threads>\d+)|ours_pp(?P<pp>\d+)(?:_t(?P<threads>\d+))?"
+                       r"(?:_(?P<spec>lean|local))?(?P<compiled>_compiled)?)$")
 STAT_KEYS = ("decode_tokens_per_s", "ms_per_token", "new_tokens", "prefill_seconds", "decode_seconds",
              "stage_compute_seconds", "comm_wait_seconds")
 
 
 # ---- pure helpers (unit-tested) ---------------------------------------------------------------
+def parse_config(name: str) -> dict:
+    """A config name -> {kind: hf | ours, pp, threads, spec ('' = the default), compiled}.
+
+    Raises:
+        ValueError: the name does not follow ``hf_t<T>`` or ``ours_pp<P>[_t<T>][_lean|_local][_compiled]``.
+    """
+    match = CONFIG_RE.match(name)
+    if match is None:
+        raise ValueError(f"unknown config '{name}'; use hf_t<T> or ours_pp<P>[_t<T>][_lean|_local][_compiled]")
+    if match["hf_threads"]:
+        return {"kind": "hf", "pp": 1, "threads": int(match["hf_threads"]), "spec": "", "compiled": False}
+    return {"kind": "ours", "pp": int(match["pp"]), "threads": int(match["threads"] or 1),
+            "spec": match["spec"] or "", "compiled": bool(match["compiled"])}
+
+
+def label(name: str) -> str:
+    """Human label of a config name, e.g. 'ours PP=1, 2 threads/rank, local spec'."""
+    c = parse_config(name)
+    threads = f"{c['threads']} thread{'s' if c['threads'] > 1 else ''}"
+    if c["kind"] == "hf":
+        return f"HF generate, {threads}"
+    extra = "".join([f", {c['spec']} spec" if c["spec"] else "", ", compiled" if c["compiled"] else ""])
+    return f"ours autoregressive PP={c['pp']}, {threads}/rank{extra}"
+
+
+def ratios_vs_hf(summaries: dict) -> dict:
+    """Decode tok/s of every ours config over HF's at the same total threads (PP x threads/rank)."""
+    out = {}
+    for name, s in summaries.items():
+        c = parse_config(name)
+        hf = summaries.get(f"hf_t{c['pp'] * c['threads']}")
+        if c["kind"] == "ours" and hf and hf["decode_tokens_per_s"] > 0:
+            out[name] = s["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+    return out
+
+
 def median(values) -> float:
     return percentile(values, 50.0)
 
@@ -103,9 +142,10 @@ def build_summary(samples: dict, pingpong: dict) -> dict:
     """The JSON ``summary``: medians per config, overhead, PP=2 split, p2p latency."""
     summaries = {name: summarize_config(s) for name, s in samples.items() if s}
     out = {"configs": summaries, "overhead": overhead_summary(summaries),
+           "speed_vs_hf_same_threads": ratios_vs_hf(summaries),
            "p2p": {mode: latency_summary(rtts) for mode, rtts in pingpong.items()}}
-    for name in ("ours_pp1", "ours_pp2"):
-        if name in summaries:
+    for name in summaries:
+        if name.startswith("ours"):
             out[f"{name}_rank0_split"] = rank0_split(summaries[name])
     return out
 
@@ -139,14 +179,18 @@ def run_subprocess(cmd: list[str], log_file: Path, threads: int = 1) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed (rc={proc.returncode}); log {log_file}:\n{tail}")
 
 
-def run_ours(pp: int, args, out_dir: Path, tag: str) -> list[dict]:
-    """examples/decode.py at PP=pp; returns the per-prompt stats of its report (+ ids)."""
+def run_ours(config: dict, args, out_dir: Path, tag: str) -> list[dict]:
+    """examples/decode.py for a parsed ours config; returns the per-prompt stats of its report (+ ids)."""
     report = out_dir / "raw" / f"{tag}.json"
+    pp = config["pp"]
     overrides = [f"prompts_file={args.prompts}", f"prompts_limit={args.prompts_limit}",
                  f"max_new_tokens={args.max_new_tokens}", f"parallel.pipeline_parallel_size={pp}",
                  "schedule.name=autoregressive", "model.dtype=float32", "report.stream=false",
                  f"model.checkpoint={args.checkpoint}", f"report.json={report}"]
-    run_subprocess(torchrun_cmd(pp, "examples/decode.py", overrides), out_dir / "logs" / f"{tag}.log")
+    overrides += [f"model.layer_spec={config['spec']}"] if config["spec"] else []
+    overrides += ["model.compile=on"] if config["compiled"] else []
+    run_subprocess(torchrun_cmd(pp, "examples/decode.py", overrides), out_dir / "logs" / f"{tag}.log",
+                   threads=config["threads"])
     results = json.loads(report.read_text())["results"]
     return [dict(r["stats"], output_ids=r["output_ids"], prompt_ids=r["prompt_ids"]) for r in results]
 
@@ -189,7 +233,7 @@ def token_agreement(samples: dict) -> dict:
         return {}
     ref = [p["output_ids"] for p in samples["hf_t1"][0]["per_prompt"]]
     return {name: sum(a == p["output_ids"] for a, p in zip(ref, samples[name][0]["per_prompt"]))
-            for name in ("ours_pp1", "ours_pp2") if samples.get(name)}
+            for name in samples if name != "hf_t1" and samples.get(name)}
 
 
 def print_tables(summary: dict) -> None:
@@ -203,7 +247,7 @@ def print_tables(summary: dict) -> None:
         table.add_column(col, justify="right")
     for name, s in summary["configs"].items():
         wait = 1000 * s["comm_wait_seconds"] / max(s["decode_tokens"], 1)
-        table.add_row(LABELS[name], f"{s['decode_tokens_per_s']:.2f}", f"{s['tok_s_min']:.2f}..{s['tok_s_max']:.2f}",
+        table.add_row(label(name), f"{s['decode_tokens_per_s']:.2f}", f"{s['tok_s_min']:.2f}..{s['tok_s_max']:.2f}",
                       f"{s['ms_per_token']:.1f}", f"{s['new_tokens']:.0f}", f"{s['prefill_seconds']:.2f}",
                       f"{wait:.1f}" if name.startswith("ours") else "-", f"{s['other_cpu_cores_max']:.2f}")
     p2p = Table(title="p2p latency, 2 gloo ranks, [1,1,576] fp32 + 4-int64 header")
@@ -227,11 +271,13 @@ def plot_chart(samples: dict, summary: dict, path: Path) -> None:
     names = list(summary["configs"])
     fig, ax = plt.subplots(figsize=(7, 4))
     medians = [summary["configs"][n]["decode_tokens_per_s"] for n in names]
-    bars = ax.bar(range(len(names)), medians, color=["#999999", "#bbbbbb", "#1f77b4", "#ff7f0e"][:len(names)])
+    colors = ["#999999" if n.startswith("hf") else "#1f77b4" for n in names]
+    bars = ax.bar(range(len(names)), medians, color=colors)
     for i, n in enumerate(names):
         ax.plot([i] * len(samples[n]), [s["decode_tokens_per_s"] for s in samples[n]], "k.", ms=6)
     ax.bar_label(bars, fmt="%.1f", label_type="center", color="white", fontweight="bold")
-    ax.set_xticks(range(len(names)), [LABELS[n].replace(", ", "\n").replace(" PP", "\nPP") for n in names])
+    ax.set_xticks(range(len(names)), [label(n).replace(", ", "\n").replace(" PP", "\nPP") for n in names],
+                  fontsize=7)
     ax.set_ylabel("decode tokens/s (greedy, batch 1)")
     ax.set_title("SmolLM2-135M-Instruct fp32, 2-core CPU: median (bars), repeats (dots)")
     fig.tight_layout()
@@ -251,9 +297,10 @@ def encode_prompts(args) -> tuple[list[str], list[list[int]]]:
 
 
 def run_one(name: str, rep: int, args, out_dir: Path, model, prompt_ids) -> list[dict]:
-    if name.startswith("hf_t"):
-        return run_hf(model, prompt_ids, args.max_new_tokens, int(name[-1]))
-    per_prompt = run_ours(int(name[-1]), args, out_dir, f"{name}_r{rep}")
+    config = parse_config(name)
+    if config["kind"] == "hf":
+        return run_hf(model, prompt_ids, args.max_new_tokens, config["threads"])
+    per_prompt = run_ours(config, args, out_dir, f"{name}_r{rep}")
     if [p.pop("prompt_ids") for p in per_prompt] != prompt_ids:
         raise RuntimeError(f"{name}: decode.py encoded the prompts differently from this script")
     return per_prompt
@@ -313,7 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default="mt_bench", help="builtin prompt set name or jsonl path")
     p.add_argument("--prompts-limit", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="comma list of hf_t<T> and ours_pp<P>[_t<T>][_lean|_local][_compiled]")
     p.add_argument("--iters", dest="pingpong_iters", type=int, default=2000, help="ping-pong round trips (0: skip)")
     p.add_argument("--hf", default=str(CACHE / "hf" / "smollm2-135m-instruct"), help="HF model folder")
     p.add_argument("--checkpoint", default=str(CACHE / "checkpoints" / "smollm2-135m-instruct-float32"))
@@ -327,8 +375,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.prompts_limit, args.max_new_tokens, args.repeats, args.pingpong_iters = 1, 24, 1, 300
     args.configs = [c for c in args.configs.split(",") if c]
-    if unknown := set(args.configs) - set(CONFIGS):
-        p.error(f"unknown configs {sorted(unknown)}; choose from {','.join(CONFIGS)}")
+    for name in args.configs:
+        try:
+            parse_config(name)
+        except ValueError as err:
+            p.error(str(err))
     return args
 
 

@@ -8,6 +8,9 @@ Side by side in one run, same prompts and tokens, greedy fp32, SmolLM2-135M-Inst
   ar_pp2       autoregressive, PP=2 (one token in flight)
   spd_oracle   SPD, PP=2, a draft that knows the greedy continuation (tokens/cycle -> 1)
   spd_pdm      SPD, PP=2, a randomly initialised PDM (the real draft's cost; acceptance ~0)
+  hf_t<T>      HF ``generate`` (greedy, eager) in the driver with T = --hf-threads threads
+                 (default 2: both cores, as the two ranks get); tokens checked against ar_pp1
+``--layer-spec`` picks model.layer_spec for our runs (default: the config's, lean on CPU).
 Per-cycle overhead = cycle time - the slowest stage's compute per cycle (from every rank).
 Writes a table, runs/bench_spd/bench_spd.json and bench_spd.png. ``--worker`` is the torchrun side.
 """
@@ -39,7 +42,8 @@ def worker(args) -> None:
     from spd_megatron.parallel.link import gather_to_rank0
     from spd_megatron.schedule.spd import SPDSchedule
 
-    cfg = load_config("default", [f"max_new_tokens={args.max_new_tokens}"])
+    spec = [f"model.layer_spec={args.layer_spec}"] if args.layer_spec else []
+    cfg = load_config("default", [f"max_new_tokens={args.max_new_tokens}"] + spec)
     engine = build_engine(cfg)
     pdm = None
     if engine.ctx.pp_size > 1:
@@ -70,6 +74,7 @@ def launch(nproc: int, args, out: Path) -> list:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            __file__, "--worker", "--worker-out", str(out), "--prompts", args.prompts,
            "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens)]
+    cmd += ["--layer-spec", args.layer_spec] if args.layer_spec else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     if proc.returncode != 0:
@@ -95,24 +100,55 @@ def per_cycle(records_by_rank: list, name: str) -> dict:
             "acceptance_rate": sum(s["accepted"] for s in rank0) / max(sum(s["verified"] for s in rank0), 1)}
 
 
+def hf_run(model, args) -> tuple[dict, list]:
+    """HF generate on the same prompts with --hf-threads threads: decode tok/s over all prompts, ids."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from spd_megatron.eval.hf_generate import hf_generate
+    from spd_megatron.eval.prompts import encode_prompt, read_prompts_file
+
+    torch.set_num_threads(args.hf_threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
+    runs = [hf_generate(model, encode_prompt(tokenizer, t), args.max_new_tokens)
+            for t in read_prompts_file(args.prompts, args.limit)]
+    tokens, seconds = sum(r["decode_tokens"] for r in runs), sum(r["decode_seconds"] for r in runs)
+    return {"decode_tokens_per_s": tokens / seconds}, [r["output_ids"] for r in runs]
+
+
 def run(args) -> dict:
     from tqdm import tqdm
 
+    from spd_megatron.eval.hf_generate import load_hf
+
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = {name: [] for name in RUNS}
+    hf_name = f"hf_t{args.hf_threads}"
+    samples = {name: [] for name in (*RUNS, hf_name)}
+    model, same = load_hf(args.hf) if args.hf_threads else None, []
     for rep in tqdm(range(args.repeats), desc="repeats"):
         for nproc in (1, 2):
             recs = launch(nproc, args, out_dir / f"worker_{nproc}_{rep}.json")
             for name in [n for n, p in RUNS.items() if p == nproc]:
                 key = "ar" if name.startswith("ar") else name
                 samples[name].append(per_cycle(recs, key))
+            if nproc == 1 and model is not None:
+                ours = [ids for n, _, ids in recs[0] if n == "ar"]
+                sample, hf_ids = hf_run(model, args)
+                samples[hf_name].append(sample)
+                same.append(sum(a == b for a, b in zip(ours, hf_ids)))
+    samples = {name: runs for name, runs in samples.items() if runs}
     medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "stage_ms"}
                for name, runs in samples.items()}
     base = medians["ar_pp1"]["decode_tokens_per_s"]
     for m in medians.values():
         m["speedup_vs_ar_pp1"] = m["decode_tokens_per_s"] / base
-    return {"args": vars(args), "load_avg": os.getloadavg(), "samples": samples, "medians": medians}
+    if hf_name in medians:
+        hf_rate = medians[hf_name]["decode_tokens_per_s"]
+        for m in medians.values():
+            m[f"speed_vs_{hf_name}"] = m["decode_tokens_per_s"] / hf_rate
+    return {"args": vars(args), "load_avg": os.getloadavg(), "samples": samples, "medians": medians,
+            "hf_prompts_identical_to_ar_pp1": same}
 
 
 def print_table(result: dict) -> None:
@@ -125,8 +161,12 @@ def print_table(result: dict) -> None:
     table.add_column("config")
     for c in cols:
         table.add_column(c, justify="right")
+    hf = [k for k in next(iter(result["medians"].values())) if k.startswith("speed_vs_")]
+    for c in hf:
+        table.add_column(c, justify="right")
     for name, m in result["medians"].items():
-        table.add_row(name, *(f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c]) for c in cols))
+        table.add_row(name, *(f"{m[c]:.3f}" if isinstance(m.get(c), float) else str(m.get(c, "-"))
+                              for c in cols + hf))
     Console(width=200).print(table)
 
 
@@ -152,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "runs" / "bench_spd"))
+    p.add_argument("--layer-spec", default="", help="model.layer_spec of our runs (default: the config's)")
+    p.add_argument("--hf-threads", type=int, default=2, help="threads of the HF generate row (0: no HF row)")
+    p.add_argument("--hf", default=str(Path.home() / ".cache" / "spd_megatron" / "hf" / "smollm2-135m-instruct"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

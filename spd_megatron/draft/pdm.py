@@ -53,10 +53,14 @@ class PDMConfig:
 
 
 class PipelineDraftModule(nn.Module):
-    """The PDM network. ``forward`` runs rows over the cache; ``logits`` gives draft-vocab logits."""
+    """The PDM network. ``forward`` runs rows over the cache; ``logits`` gives draft-vocab logits.
+
+    ``layer_spec``: the spec of its transformer layers (lean; ``local`` only for A/B measurements).
+    """
 
     def __init__(self, cfg: PDMConfig, arch: ArchSpec, tp_rank: int = 0, tp_size: int = 1,
-                 dtype: str = "float32", max_seq_len: int = 2048, pg_collection=None) -> None:
+                 dtype: str = "float32", max_seq_len: int = 2048, pg_collection=None,
+                 layer_spec: str = "lean") -> None:
         super().__init__()
         self.cfg, self.arch = cfg, arch
         self.tp_rank, self.tp_size = tp_rank, tp_size
@@ -65,7 +69,7 @@ class PipelineDraftModule(nn.Module):
             str(i): nn.Linear((i + 1) * hidden, hidden, bias=False) for i in cfg.types()})
         layer_arch = dataclasses.replace(arch, num_layers=cfg.num_layers, sliding_window=None)
         placement = StagePlacement(0, 1, tp_rank, tp_size, (cfg.num_layers,))
-        self.layers = build_stage_model(layer_arch, placement, dtype, "lean", max_seq_len,
+        self.layers = build_stage_model(layer_arch, placement, dtype, layer_spec, max_seq_len,
                                         pre_process=False, post_process=False, initialize=True,
                                         pg_collection=pg_collection, static_decode=True)
         self.final_norm = nn.RMSNorm(hidden, eps=arch.rms_norm_eps)

@@ -45,6 +45,7 @@ def baseline_config(cfg: SPDConfig, name: str, info: RunInfo, threads: int) -> S
     out.parallel.tensor_parallel_size = info.tensor_parallel_size if same_pp else 1
     out.parallel.pipeline_parallel_size = info.pipeline_parallel_size if same_pp else 1
     out.parallel.layers_per_stage = list(cfg.parallel.layers_per_stage) if same_pp else []
+    out.parallel.threads_per_rank = threads  # the rule of parallel/threads.py, as OMP_NUM_THREADS says
     return out
 
 

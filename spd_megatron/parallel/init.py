@@ -333,6 +333,9 @@ def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
     """
     apply_cpu_patches()
     env = start_process_group(cfg, extra_ranks)
+    from spd_megatron.parallel.threads import apply_threads
+
+    apply_threads(cfg.threads_per_rank, local_world_size())  # parallel.threads_per_rank
     try:
         layout = resolve_layout(env.world_size - extra_ranks, cfg.tensor_parallel_size,
                                 cfg.pipeline_parallel_size)

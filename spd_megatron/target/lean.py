@@ -73,24 +73,27 @@ class LeanRowParallelLinear(RowParallelLinear):
 
 # ---- RoPE ---------------------------------------------------------------------------------------
 class RopeTables:
-    """cos and signed sin of a megatron RoPE table ([S, 1, 1, d] angles), computed once per table.
+    """cos and signed sin of megatron RoPE tables ([S, 1, 1, d] angles), computed once per table.
 
-    Megatron's ``RotaryEmbedding`` returns the same (lru-cached) tensor on every step, so one slot
-    keyed on the table's identity serves every layer and step; a new table replaces it.
+    Megatron's ``RotaryEmbedding`` returns the same (lru-cached) tensor on every step, so a few
+    slots keyed on the table's identity serve every layer and step of a stage and of a PDM that
+    runs beside it; the oldest slot makes room for a new table.
     """
 
+    SLOTS = 4
+
     def __init__(self) -> None:
-        self._table: Tensor | None = None
-        self._tables: tuple[Tensor, Tensor] | None = None
+        self._slots: list[tuple[Tensor, tuple[Tensor, Tensor]]] = []
 
     def get(self, table: Tensor) -> tuple[Tensor, Tensor]:
-        if self._table is not table:
-            half = table.shape[-1] // 2
-            sin = torch.sin(table)
-            signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # [S, 1, 1, d]
-            self._tables = (torch.cos(table), signed)
-            self._table = table
-        return self._tables
+        for known, tables in self._slots:
+            if known is table:
+                return tables
+        half = table.shape[-1] // 2
+        sin = torch.sin(table)
+        tables = (torch.cos(table), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))  # [S, 1, 1, d]
+        self._slots = [(table, tables)] + self._slots[: self.SLOTS - 1]
+        return tables
 
 
 ROPE_TABLES = RopeTables()

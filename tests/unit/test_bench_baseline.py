@@ -114,3 +114,17 @@ def test_measured_reruns_a_disturbed_run_then_keeps_the_clean_one(monkeypatch):
     assert result == "ok" and len(calls) == 2
     assert notes["rejected_tries_other_cpu_cores"] == [pytest.approx(1.0)]
     assert notes["other_cpu_cores"] == 0.0 and notes["idle_wait_seconds"] == 0.0
+
+
+def test_config_names_parse_and_ratios_compare_the_same_threads():
+    assert bench.parse_config("hf_t2") == {"kind": "hf", "pp": 1, "threads": 2, "spec": "", "compiled": False}
+    assert bench.parse_config("ours_pp2_t1_local_compiled") == {
+        "kind": "ours", "pp": 2, "threads": 1, "spec": "local", "compiled": True}
+    assert bench.parse_config("ours_pp1")["threads"] == 1 and "2 threads" in bench.label("ours_pp1_t2")
+    with pytest.raises(ValueError, match="unknown config 'ours_t2'"):
+        bench.parse_config("ours_t2")
+    summaries = {"hf_t1": {"decode_tokens_per_s": 10.0}, "hf_t2": {"decode_tokens_per_s": 20.0},
+                 "ours_pp1": {"decode_tokens_per_s": 12.0}, "ours_pp1_t2": {"decode_tokens_per_s": 10.0},
+                 "ours_pp2": {"decode_tokens_per_s": 10.0}, "ours_pp1_t4": {"decode_tokens_per_s": 1.0}}
+    assert bench.ratios_vs_hf(summaries) == {"ours_pp1": pytest.approx(1.2), "ours_pp1_t2": pytest.approx(0.5),
+                                             "ours_pp2": pytest.approx(0.5)}  # no hf_t4: no ratio

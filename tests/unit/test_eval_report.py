@@ -137,6 +137,7 @@ def test_baseline_configs_keep_prompts_and_change_only_the_decoder(tmp_path):
     assert (ar1.parallel.pipeline_parallel_size, ar1.parallel.layers_per_stage) == (1, [])
     assert (same.parallel.pipeline_parallel_size, same.parallel.layers_per_stage) == (3, [10, 10, 10])
     assert (lookup.eval.runner, lookup.eval.name, lookup.eval.threads) == ("hf_prompt_lookup", "hf_prompt_lookup", 3)
+    assert ar1.parallel.threads_per_rank == lookup.parallel.threads_per_rank == 3  # the baselines' thread rule
     assert load_config(str(write_config(same, tmp_path / "same.yaml"))) == same  # the file is the config
 
 
