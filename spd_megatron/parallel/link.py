@@ -19,25 +19,20 @@ A steady decode cycle thus finds its header and its hidden row already in place.
 ahead only after a decode step (STEP) and never after STOP, so no payload receive is left pending
 once a sequence ends (a later link on the same group could otherwise lose a message to it).
 
-Directions (``reverse_group``): NCCL runs the operations of one rank pair on one communicator in
-issue order on one stream, and a send larger than NCCL's buffer waits until the peer's stream
-reaches the matching receive. Traffic in both directions of a pair on one stream can therefore
-cycle: stage 0 sends prompt chunk 2 while stage 1, which finished chunk 1, sends its anchors back;
-each send waits behind the other's. So a message from a lower global rank to a higher one travels
-on the default group and a message from a higher rank to a lower one on ``reverse_group``, a
-second group of every rank made by ``parallel.init``: each (pair, group) carries one direction
-only, its sends and receives match in order, and no cycle can form inside NCCL (a send waits only
-for the receiver's host to post that receive). Any new message kind (e.g. a request from a server
-rank) follows the same rule for free: pick the group with ``_group_to`` / ``_group_from``.
-tests/distributed/test_p2p_ordering.py replays the schedules' recorded message sequences on a simulated
-NCCL (per-pair in-order streams, bounded buffers) to check this. Without a reverse group (tools
-that build a bare link) the old rule holds: on NCCL the ring row is posted ahead only where the
-previous stage is not stage 0. On NCCL a payload receive does not block the host: the current
-stream waits for it (``_wait_payload``).
+Directions (``reverse_group``): NCCL runs a rank pair's operations on one communicator, in issue
+order on one stream, and a send larger than its buffer waits for the peer's matching receive. Both
+directions of a pair on one stream can cycle (stage 0 sends prompt chunk 2 while stage 1 sends
+chunk 1's anchors back: each send waits behind the other). So messages to a higher global rank use
+the default group and messages to a lower one ``reverse_group`` (every rank, made by
+``parallel.init``): each (pair, group) carries one direction, matched in order, and a send waits
+only for the receiver's host to post its receive. New message kinds (a server's requests) follow
+the rule through ``_group_to`` / ``_group_from``. tests/distributed/test_p2p_ordering.py replays the
+schedules' message sequences on a simulated NCCL (per-pair in-order streams, bounded buffers).
+Without a reverse group (tools' bare links), on NCCL the ring row is posted ahead only where the
+previous stage is not stage 0. NCCL payload receives never block the host (``_wait_payload``).
 
-Host-memory peers (``cpu_peers``): messages to and from these ranks live on the CPU, so with a
-``cpu:gloo,cuda:nccl`` default group they travel over gloo while the rest stays on NCCL. A
-dedicated draft rank that may share a GPU uses this (parallel/init.py: ``pick_backend``).
+Host-memory peers (``cpu_peers``): messages to and from these ranks live on the CPU, so under a
+``cpu:gloo,cuda:nccl`` group they go over gloo (a dedicated draft rank: parallel/backend.py).
 """
 
 from __future__ import annotations

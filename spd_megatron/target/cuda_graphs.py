@@ -26,7 +26,8 @@ What we do instead, for any layer spec:
 
 The static step itself runs on CPU too (``DecodeGraphs(stage, capture=False)``), which is how the
 CPU tests check it against the ordinary step; only the capture needs a GPU. Not captured: FP8
-(TE's delayed-scaling state updates), and TP > 1 over gloo (collectives inside a graph need NCCL).
+(current scaling keeps no host state, but FP8 under capture is unverified: config refuses it), and
+TP > 1 over gloo (collectives inside a graph need NCCL).
 """
 
 from __future__ import annotations
