@@ -10,6 +10,9 @@ in interleaved rounds (A B A B ...), median and min of the rounds in ms:
   teacher    the training teacher's batched forward (no KV cache): [batch, seq] ids -> logits
              and anchor taps, as draft/training's Teacher runs it
 ``--compile`` adds the PDM step through model.compile (inductor; compile time reported).
+``--decode N`` instead times greedy decoding in this process, interleaved per round: HF ``generate``
+(eager) vs our PP=1 stage (local and lean spec), N new tokens on the same chat prompt, at 1 and 2
+threads; decode tok/s per round (best = least disturbed by other processes) and token identity.
 Writes a table and <out>/bench_lean.json. Run it under torchrun --nproc-per-node 1 or plainly.
 """
 
@@ -121,16 +124,71 @@ def run(args) -> dict:
             "max_abs_diff_vs_local": {n: float((o - ref[n.split("_")[0]]).abs().max()) for n, o in outputs.items()}}
 
 
+def our_greedy(stage, ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """Prefill, then greedy one-token steps; (decode tok/s after the first token, new ids)."""
+    import torch
+
+    logits = stage.forward(0, token_ids=torch.tensor([ids]))[0, -1]
+    out = [int(logits.argmax())]
+    begin = time.perf_counter()
+    for i in range(new_tokens - 1):
+        logits = stage.forward(len(ids) + i, token_ids=torch.tensor([[out[-1]]]))[0, -1]
+        out.append(int(logits.argmax()))
+    return (new_tokens - 1) / (time.perf_counter() - begin), out
+
+
+def run_decode(args) -> dict:
+    """HF generate vs our stage (local, lean), interleaved rounds at 1 and 2 threads."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from spd_megatron.eval.hf_generate import generation_config, hf_generate, load_hf
+    from spd_megatron.eval.prompts import encode_prompt, read_prompts_file
+
+    stages = {spec: teacher for spec, (teacher, _) in build(args).items()}
+    for stage in stages.values():
+        stage.set_taps(())
+    hf_dir = str(Path.home() / ".cache" / "spd_megatron" / "hf" / "smollm2-135m-instruct")
+    model = load_hf(hf_dir)
+    gen = generation_config(model, args.decode)
+    ids = encode_prompt(AutoTokenizer.from_pretrained(hf_dir), read_prompts_file("mt_bench", 1)[0])
+    rates, same = {}, {}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                hf = hf_generate(model, ids, args.decode, gen)
+                rates.setdefault(f"hf_t{threads}", []).append(hf["decode_tokens_per_s"])
+                for spec, stage in stages.items():
+                    rate, out = our_greedy(stage, ids, len(hf["output_ids"]))  # as many as HF (EOS)
+                    rates.setdefault(f"ours_{spec}_t{threads}", []).append(rate)
+                    same[f"ours_{spec}_t{threads}"] = out == hf["output_ids"]
+    best = {n: max(r) for n, r in rates.items()}
+    return {"args": vars(args), "load_avg": os.getloadavg(), "prompt_tokens": len(ids), "tok_s": rates,
+            "best_tok_s": best, "median_tok_s": {n: statistics.median(r) for n, r in rates.items()},
+            "identical_to_hf": same,
+            "best_vs_hf_same_threads": {n: best[n] / best[f"hf_{n[-2:]}"] for n in best if n.startswith("ours")}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
     p.add_argument("--batch", type=int, default=4, help="teacher batch (conversations)")
     p.add_argument("--seq", type=int, default=256, help="teacher sequence length")
     p.add_argument("--compile", action="store_true", help="also the compiled PDM step (inductor)")
+    p.add_argument("--decode", type=int, default=0, help="time greedy decoding of N tokens instead")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_lean"))
     args = p.parse_args(argv)
-    result = run(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.decode:
+        result = run_decode(args)
+        (Path(args.out) / "bench_lean_decode.json").write_text(json.dumps(result, indent=1))
+        for name, rates in result["tok_s"].items():
+            print(f"{name:18s} best {max(rates):6.2f} median {statistics.median(rates):6.2f} tok/s  "
+                  f"vs HF {result['best_vs_hf_same_threads'].get(name, 1.0):.2f}  "
+                  f"same tokens {result['identical_to_hf'].get(name, '-')}")
+        return 0
+    result = run(args)
     (Path(args.out) / "bench_lean.json").write_text(json.dumps(result, indent=1))
     for name in result["median_ms"]:
         print(f"{name:26s} median {result['median_ms'][name]:9.2f} ms  min {result['min_ms'][name]:9.2f} ms  "
