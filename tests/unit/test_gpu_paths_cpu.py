@@ -159,6 +159,12 @@ def test_ring_rows_are_not_posted_ahead_of_nccl_sends_back_to_stage0():
     assert not link(1, 0, "cuda").preposts_rows  # prev is stage 0
     assert link(2, 1, "cuda").preposts_rows
     assert not StageLink(1, 0, None, 0, 1, 8, torch.float32, 1).preposts_rows  # no control group
+    reverse = object()  # with sends to lower ranks on their own group, stage 1 may post ahead too
+    with_reverse = StageLink(1, 0, None, 0, 2, 8, torch.float32, 1, device="cuda", control_group=control,
+                             reverse_group=reverse)
+    assert with_reverse.preposts_rows
+    assert with_reverse._group_to(0) is reverse and with_reverse._group_from(0) is None
+    assert with_reverse._group_to(2) is None and with_reverse._group_from(2) is reverse
 
 
 def test_nccl_payload_waits_do_not_block_the_host():
