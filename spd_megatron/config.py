@@ -311,6 +311,8 @@ def _cuda_available() -> bool:
 
 def validate_config(cfg: SPDConfig) -> None:
     """Cross-field checks that need no model or processes."""
+    # YAML 1.1 reads on/off as booleans, which reach this str field as "True"/"False"
+    cfg.model.compile = {"true": "on", "false": "off"}.get(str(cfg.model.compile).lower(), cfg.model.compile)
     checks = [
         (cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype} must be one of {DTYPES}"),
         (cfg.model.max_seq_len > 0, "model.max_seq_len must be > 0"),

@@ -21,3 +21,11 @@ def test_rule_shares_the_cores_and_keeps_explicit_settings():
 def test_negative_threads_per_rank_is_refused():
     with pytest.raises(SPDError, match="threads_per_rank"):
         load_config(None, ["parallel.threads_per_rank=-1"])
+
+
+def test_model_compile_accepts_on_and_off_although_yaml_reads_them_as_booleans():
+    assert load_config(None, ["model.compile=on"]).model.compile == "on"
+    assert load_config(None, ["model.compile=off"]).model.compile == "off"
+    assert load_config(None, []).model.compile == "auto"
+    with pytest.raises(SPDError, match="model.compile=sometimes must be auto, on or off"):
+        load_config(None, ["model.compile=sometimes"])
