@@ -142,6 +142,7 @@ class CompiledSteps:
         if self.disabled or count not in self.row_counts:
             return None
         self.cache.prepare_write(start, count)
+        inp = inp.clone(memory_format=torch.contiguous_format)  # a prompt chunk is a strided slice: guards
         position = torch.arange(start, start + count, device=self.key_positions.device)  # [R]
         try:
             out = self._call(inp, position, tap_layers)
@@ -177,12 +178,13 @@ class CompiledSteps:
         """
         if self.cache.length:
             raise ValueError(f"warm_up needs an empty cache (it holds {self.cache.length} positions)")
-        allocate_cache(self.model, self.cache.context)
         begin = time.perf_counter()
-        for count in self.row_counts:
-            if not self.disabled:
-                self.run(make_input(count), 0, tap_layers)
-                self.cache.truncate(0)
+        with torch.inference_mode():  # as decoding runs: grad mode is part of every graph's guards
+            allocate_cache(self.model, self.cache.context)
+            for count in self.row_counts:
+                if not self.disabled:
+                    self.run(make_input(count), 0, tap_layers)
+                    self.cache.truncate(0)
         log.info("model.compile: %d row counts compiled in %.1f s", len(self.row_counts),
                  time.perf_counter() - begin)
 
@@ -199,7 +201,7 @@ def resolve_compile(mode: str) -> bool:
     return mode == "on"
 
 
-def enable_compiled_step(cfg, ctx, stage) -> None:
+def enable_compiled_step(cfg, ctx, stage, backend: str | Callable = "inductor") -> None:
     """``stage.compiled`` for model.compile=on: the one-token step and the prefill chunk, compiled now."""
     if not resolve_compile(cfg.model.compile):
         return
@@ -211,7 +213,7 @@ def enable_compiled_step(cfg, ctx, stage) -> None:
 
     inductor_cache_dir(cache_root(cfg.model.cache_dir))
     rows = {1} | ({cfg.schedule.prefill_chunk_size} if cfg.schedule.prefill_chunk_size > 0 else set())
-    stage.compiled = CompiledSteps(stage.model, stage.cache, rows, stage.arch.sliding_window)
+    stage.compiled = CompiledSteps(stage.model, stage.cache, rows, stage.arch.sliding_window, backend)
     stage.warm_up_compiled()
 
 

@@ -17,7 +17,7 @@ from multiproc import run_distributed
 from spd_megatron.draft.pdm import PDMConfig, PDMDraft, PipelineDraftModule
 from spd_megatron.engine import build_engine
 from spd_megatron.parallel.init import init_parallel
-from spd_megatron.target.compiled import CompiledPDMStep, CompiledSteps
+from spd_megatron.target.compiled import CompiledPDMStep, CompiledSteps, enable_compiled_step
 
 PROMPT = [5, 17, 99, 3, 42, 7, 250, 31, 8, 4]  # two prefill chunks of 5
 
@@ -125,6 +125,32 @@ def pdm_sequence(draft, rows) -> torch.Tensor:
         out.append(logits)
     module.cache.truncate(7)
     return torch.stack(out)
+
+
+def _engine_path(rank, world_size, ckpt):
+    """model.compile=on as the engine enables it (outside inference mode), then a real decode."""
+    cfg = tiny_config(ckpt)
+    engine = build_engine(cfg, init_parallel(cfg.parallel))
+    prompt = PROMPT + [9, 10, 12, 13, 14]  # 15 tokens: three prefill chunks of 5
+    eager = engine.schedule.generate(prompt, 8, eos_token_ids=()).output_ids
+    cfg.model.compile = "on"
+    calls = []
+    engine.stage.cache.truncate(0)
+    enable_compiled_step(cfg, engine.ctx, engine.stage, backend=counting_backend(calls))
+    compiled, before = engine.stage.compiled, len(calls)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        out = engine.schedule.generate(prompt, 8, eos_token_ids=()).output_ids
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert compiled.disabled is None, compiled.disabled
+    assert len(calls) == before, "the decode compiled a new graph"
+    assert out == eager
+
+
+@pytest.mark.distributed
+def test_engine_path_compiles_at_start_up_only(tiny_models):
+    run_distributed(_engine_path, 1, tiny_models["llama"][1], timeout_s=240)
 
 
 @pytest.mark.distributed
