@@ -126,13 +126,6 @@ class TrainConfig:
     batch_tokens: int = 0
     """Tokens per global micro-batch: conversations padded to a common length and run in one
     forward (split over the data-parallel ranks); 0 = one conversation per micro-batch."""
-    regenerate: str = "none"
-    """Self-distillation: 'greedy' or 'sample' replaces each first assistant turn by the target's
-    own reply (Hugging Face generate, cached as out/self_distill_<mode>.jsonl); 'none' trains on
-    the data as is."""
-    regenerate_max_new_tokens: int = 256
-    regenerate_batch: int = 16
-    lr: float = 5e-4
     feature_cache: str = ""
     """Folder for the teacher's features of every training conversation (anchors + top-k draft
     log-probabilities), written on first use so later epochs run only the PDM; the loss is then
@@ -144,12 +137,13 @@ class TrainConfig:
     deepest anchor through, layers start as the identity)."""
     freeze_head: bool = False
     """Keep the draft head equal to the target's output rows (not trained)."""
-    feature_cache: str = ""
-    """Folder for the teacher's features of every training conversation (anchors + top-k draft
-    log-probabilities), written on first use so later epochs run only the PDM; the loss is then
-    the KL on the kept mass. Empty: online features, exact KL."""
-    feature_top_k: int = 64
-    """Teacher tokens per position kept in the feature cache (the rest is one bucket)."""
+    regenerate: str = "none"
+    """Self-distillation: 'greedy' or 'sample' replaces each first assistant turn by the target's
+    own reply (Hugging Face generate, cached as out/self_distill_<mode>.jsonl); 'none' trains on
+    the data as is."""
+    regenerate_max_new_tokens: int = 256
+    regenerate_batch: int = 16
+    lr: float = 5e-4
     warmup: int = 50
     eval_every: int = 100
     save_every: int = 50
