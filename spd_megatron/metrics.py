@@ -31,6 +31,7 @@ class DecodeStats:
     draft_seconds: float = 0.0  # draft forwards (PDM) on this rank
     verify_seconds: float = 0.0  # verification and sampling on this rank
     comm_wait_seconds: float = 0.0  # this rank's time blocked in receives during decode
+    compile_seconds: float = 0.0  # model.compile: this rank's stage compilation at start-up (0: eager)
     stop_reason: str = ""
     _t0: float = field(default=0.0, repr=False)
     _t_first: float = field(default=0.0, repr=False)

@@ -111,6 +111,7 @@ class SpeculativeSchedule(ABC):
         """
         self._check_fits(len(prompt_ids), max_new_tokens)
         self.stats, self.on_token = DecodeStats(prompt_tokens=len(prompt_ids)), on_token
+        self.stats.compile_seconds = getattr(self.stage.compiled, "compile_seconds", 0.0)
         self.stats.start()
         state = DecodeState(list(prompt_ids), len(prompt_ids), max_new_tokens, frozenset(eos_token_ids))
         self.prefill(state)

@@ -132,7 +132,9 @@ def _engine_path(rank, world_size, ckpt):
     cfg = tiny_config(ckpt)
     engine = build_engine(cfg, init_parallel(cfg.parallel))
     prompt = PROMPT + [9, 10, 12, 13, 14]  # 15 tokens: three prefill chunks of 5
-    eager = engine.schedule.generate(prompt, 8, eos_token_ids=()).output_ids
+    first = engine.schedule.generate(prompt, 8, eos_token_ids=())
+    eager = first.output_ids
+    assert first.stats.compile_seconds == 0.0  # eager: nothing compiled
     cfg.model.compile = "on"
     calls = []
     engine.stage.cache.truncate(0)
@@ -140,12 +142,14 @@ def _engine_path(rank, world_size, ckpt):
     compiled, before = engine.stage.compiled, len(calls)
     torch._dynamo.config.error_on_recompile = True
     try:
-        out = engine.schedule.generate(prompt, 8, eos_token_ids=()).output_ids
+        result = engine.schedule.generate(prompt, 8, eos_token_ids=())
+        out = result.output_ids
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert compiled.disabled is None, compiled.disabled
     assert len(calls) == before, "the decode compiled a new graph"
     assert out == eager
+    assert result.stats.compile_seconds == compiled.compile_seconds > 0  # reported in the stats
 
 
 @pytest.mark.distributed
