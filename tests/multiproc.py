@@ -28,10 +28,10 @@ def _free_port() -> int:
 
 def _worker(rank, world_size, port, fn, args, errors, timeout_s):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     # One thread per rank, declared the way torchrun declares it, so parallel.threads_per_rank keeps
-    # it: raising the thread count in a forked child of a process that already used OpenMP can hang.
+    # it: more threads in a forked child of a process that already ran OpenMP work hang (libgomp is not
+    # fork-safe). No LOCAL_WORLD_SIZE either: code that widens rank 0's threads by it must not here.
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
