@@ -7,7 +7,8 @@ Side by side in one run, same prompts and tokens, greedy fp32, SmolLM2-135M-Inst
   ar_pp1       autoregressive, 1 process
   ar_pp2       autoregressive, PP=2 (one token in flight)
   spd_oracle   SPD, PP=2, a draft that knows the greedy continuation (tokens/cycle -> 1)
-  spd_pdm      SPD, PP=2, a randomly initialised PDM (the real draft's cost; acceptance ~0)
+  spd_pdm      SPD, PP=2, the PDM schedule.name=spd picks: the shipped n=2 draft for the builtin
+               model's default split (a random PDM before drafts shipped, see docs/benchmarks.md)
   hf_t<T>      HF ``generate`` (greedy, eager) in the driver with T = --hf-threads threads
                  (default 2: both cores, as the two ranks get); tokens checked against ar_pp1
 ``--layer-spec`` picks model.layer_spec for our runs (default: the config's, lean on CPU).
