@@ -285,14 +285,18 @@ def _generate_worker(rank, world_size, ckpt, data, out, train):
 
 
 @pytest.mark.distributed
-def test_dp_ranks_wait_for_rank_0s_self_distillation(tiny_models, tmp_path):
-    ckpt = tiny_models["llama"][1]
+def test_dp_ranks_share_the_self_distillation_and_stop_together(tiny_models, tmp_path):
+    ckpt, run = tiny_models["llama"][1], tmp_path / "run"
     data = tmp_path / "data.jsonl"
     write_data(data)
-    run_distributed(_generate_worker, 2, ckpt, str(data), str(tmp_path / "run"), {"time_budget_min": 1e-9},
-                    timeout_s=240)
-    assert (tmp_path / "run" / "self_distill_greedy.done").read_text() == "stopped\n"
-    run_distributed(_generate_worker, 2, ckpt, str(data), str(tmp_path / "run"), {}, timeout_s=240)
-    assert len((tmp_path / "run" / "self_distill_greedy.jsonl").read_text().splitlines()) >= 8
-    assert (tmp_path / "run" / "self_distill_greedy.done").read_text() == "complete\n"
-    assert json.loads((tmp_path / "run" / "final" / "training.json").read_text())["steps"] == 2
+    run_distributed(_generate_worker, 2, ckpt, str(data), str(run), {"time_budget_min": 1e-9}, timeout_s=240)
+    assert (run / "self_distill_greedy.done").read_text() == "stopped\n"
+    assert not (run / "self_distill_greedy.jsonl").exists()  # never a partial merged file
+    run_distributed(_generate_worker, 2, ckpt, str(data), str(run), {}, timeout_s=240)
+    shares = [len((run / f"self_distill_greedy.part{i}of2.jsonl").read_text().splitlines()) for i in range(2)]
+    merged = (run / "self_distill_greedy.jsonl").read_text().splitlines()
+    assert shares[0] >= shares[1] >= 4 and len(merged) == sum(shares)  # both ranks generated
+    assert (run / "self_distill_greedy.done").read_text() == "complete\n"
+    assert json.loads((run / "final" / "training.json").read_text())["steps"] == 2
+    run_distributed(_generate_worker, 1, ckpt, str(data), str(tmp_path / "one"), {}, timeout_s=240)
+    assert (tmp_path / "one" / "self_distill_greedy.jsonl").read_text().splitlines() == merged  # same order

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from spd_megatron.draft.training.regenerate import first_turn, load_hf_target, regenerate
+from spd_megatron.draft.training.regenerate import first_turn, load_hf_target, merge_shards, regenerate
 
 CONVERSATIONS = [
     {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}]},
@@ -57,6 +57,22 @@ def test_batched_replies_equal_greedy_decoding_and_resume_appends(tiny_models, t
         assert [m["role"] for m in messages[-2:]] == ["user", "assistant"]
         assert messages[-2]["content"] == question
         assert messages[-1]["content"] == _greedy_alone(model, tokenizer, messages[:-1], 6)
+
+
+def test_shards_merge_into_the_one_process_file(tiny_models, tmp_path):
+    hf_dir = tiny_models["llama"][0]
+    data = tmp_path / "conv.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    whole = tmp_path / "whole.jsonl"
+    assert regenerate(str(data), whole, hf_dir, limit=3, batch_size=3, max_prompt=200, max_new_tokens=6)
+    shards = [tmp_path / f"part{i}.jsonl" for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert regenerate(str(data), shard, hf_dir, limit=3, batch_size=2, max_prompt=200, max_new_tokens=6,
+                          shard=(i, 2), progress=False)
+    assert [len(s.read_text().splitlines()) for s in shards] == [2, 1]  # prompts 0, 2 and 1
+    merged = tmp_path / "merged.jsonl"
+    assert merge_shards(shards, merged) == 3
+    assert merged.read_text() == whole.read_text()
 
 
 def test_hf_folder_exports_a_checkpoint_once(tiny_models, tmp_path):

@@ -70,18 +70,22 @@ def answer_batch(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
 
 def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str = "greedy",
                batch_size: int = 16, max_prompt: int = 256, max_new_tokens: int = 256,
-               seed: int = 0, deadline: Optional[float] = None) -> bool:
+               seed: int = 0, deadline: Optional[float] = None, shard: tuple[int, int] = (0, 1),
+               progress: bool = True) -> bool:
     """Write (or complete) ``out_file``: one ``{"messages": [...]}`` record per prompt of at most
-    ``max_prompt`` tokens, up to ``limit`` of them (0 = all). Stops between batches once
-    ``time.monotonic()`` passes ``deadline``; returns whether the file is complete."""
+    ``max_prompt`` tokens, up to ``limit`` of them (0 = all). With ``shard=(i, k)`` only prompts
+    i, i + k, i + 2k, ... (one data-parallel rank's share; ``merge_shards`` restores the order).
+    Stops between batches once ``time.monotonic()`` passes ``deadline``; returns whether the file
+    is complete."""
     from tqdm.auto import tqdm
 
     model, tokenizer = load_hf_target(hf_dir)
     done = _count_lines(out_file)
     fits = (p for p in iter_prompts(source) if len(render(tokenizer, p, generation_prompt=True)) <= max_prompt)
-    prompts = list(itertools.islice(fits, limit or None))
+    index, count = shard
+    prompts = list(itertools.islice(fits, limit or None))[index::count]
     todo = prompts[done:]
-    bar = tqdm(total=len(prompts), initial=done, desc=f"self-distill ({mode})", unit="conv")
+    bar = tqdm(total=len(prompts), initial=done, desc=f"self-distill ({mode})", unit="conv", disable=not progress)
     with out_file.open("a") as f:
         for i in range(0, len(todo), batch_size):
             if deadline is not None and time.monotonic() > deadline:
@@ -95,6 +99,17 @@ def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str 
             bar.update(len(batch))
     bar.close()
     return True
+
+
+def merge_shards(shards: list[Path], out_file: Path) -> int:
+    """Interleave the shard files of ``regenerate(shard=(i, k))`` back into the prompts' order
+    (written to a temporary file and renamed, so ``out_file`` is never partial); returns the count."""
+    parts = [path.read_text().splitlines(keepends=True) for path in shards]
+    lines = [line for group in itertools.zip_longest(*parts) for line in group if line is not None]
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(out_file)
+    return len(lines)
 
 
 def _count_lines(path: Path) -> int:

@@ -16,6 +16,7 @@ from spd_megatron.draft.pdm import PDMConfig, PipelineDraftModule, init_from_tar
 from spd_megatron.draft.training.data import DataStats, load_examples, split_examples
 from spd_megatron.draft.training.batches import check_batch_tokens
 from spd_megatron.draft.training.loop import train_loop
+from spd_megatron.draft.training.regenerate import merge_shards
 from spd_megatron.draft.training.trainer import PDMTrainer, Teacher, apply_init
 from spd_megatron.draft.training.vocab import build_draft_vocab
 from spd_megatron.errors import SPDError
@@ -59,7 +60,7 @@ def train_draft(cfg: SPDConfig) -> Path:
         return check_anchors(cfg.draft.anchors or default_anchors(split), arch.num_layers)
 
     teacher, ckpt, arch, split, tokenizer, eos = build_teacher(cfg, pick_anchors, ctx)
-    data = self_distill_data(cfg, ckpt, out, dp, deadline) if t.regenerate != "none" else t.data
+    data = self_distill_data(cfg, ckpt, out, deadline) if t.regenerate != "none" else t.data
     stats = DataStats()
     examples = load_examples(str(data), tokenizer, t.max_len, t.limit, stats=stats)
     train, held = split_examples(examples, t.held_out, t.seed)
@@ -88,45 +89,60 @@ def train_draft(cfg: SPDConfig) -> Path:
     return final
 
 
-def self_distill_data(cfg: SPDConfig, ckpt: Path, out: Path, dp=None, deadline: Optional[float] = None) -> Path:
+def self_distill_data(cfg: SPDConfig, ckpt: Path, out: Path, deadline: Optional[float] = None) -> Path:
     """The training prompts answered by the target itself (cached and resumable in ``out``).
 
-    With several ranks, rank 0 generates on all of this node's cores while the others sleep until
-    its marker file says the data is complete (or that the time budget stopped it).
+    Every process of the job generates its share of the prompts (``self_distill_<mode>.part<i>of<k>.jsonl``,
+    one process per core beats one process on all cores here, as for training); once all shares are
+    complete, the main rank interleaves them into ``self_distill_<mode>.jsonl`` in the prompts' order.
+    A share stopped by the time budget stops every rank; rerunning the command continues each share
+    (at the same world size; another world size starts new shares).
     """
+    from spd_megatron.convert.pipeline import hf_folder
+
     t = cfg.train
     path = out / f"self_distill_{t.regenerate}.jsonl"
+    rank, world = _process_rank_and_count()
+    shards = [out / f"self_distill_{t.regenerate}.part{i}of{world}.jsonl" for i in range(world)]
+    markers = [shard.with_suffix(".done") for shard in shards]
     done = path.with_suffix(".done")
-    if dp is not None and dp.is_main:
+    markers[rank].unlink(missing_ok=True)
+    if rank == 0:
         done.unlink(missing_ok=True)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()  # no rank reads a marker left by an earlier run
-    if dp is not None and not dp.is_main:
-        return _wait_for(done, path, deadline)
-    complete = _generate(cfg, ckpt, out, path, deadline)
-    done.write_text("complete\n" if complete else "stopped\n")
+        hf_dir = hf_folder(cfg.model, ckpt, out / "target_hf")  # exported once, before the others read it
+    if world > 1:
+        torch.distributed.barrier()  # no rank reads a marker left by an earlier run, or a partial export
+    if rank != 0:
+        hf_dir = hf_folder(cfg.model, ckpt, out / "target_hf")
+    complete = _generate(cfg, hf_dir, shards[rank], deadline, (rank, world))
+    markers[rank].write_text("complete\n" if complete else "stopped\n")
+    if rank == 0:
+        complete = all(_wait_for(marker, deadline) for marker in markers)
+        if complete:
+            count = merge_shards(shards, path)
+            log.info("self-distillation: %d conversations in %s", count, path)
+        done.write_text("complete\n" if complete else "stopped\n")
+    elif not _wait_for(done, deadline):
+        complete = False
     if not complete:
         raise TimeBudgetReached(f"train.time_budget_min={t.time_budget_min} reached while generating {path}; "
                                 "rerun the same command to continue")
     return path
 
 
-def _generate(cfg: SPDConfig, ckpt: Path, out: Path, path: Path, deadline: Optional[float]) -> bool:
-    import os
+def _process_rank_and_count() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    from spd_megatron.convert.pipeline import hf_folder
+
+def _generate(cfg: SPDConfig, hf_dir: Path, path: Path, deadline: Optional[float], shard: tuple[int, int]) -> bool:
     from spd_megatron.draft.training.regenerate import regenerate
 
     t = cfg.train
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the others sleep
-    try:
-        hf_dir = hf_folder(cfg.model, ckpt, out / "target_hf")
-        return regenerate(t.data, path, hf_dir, t.limit, t.regenerate, t.regenerate_batch,
-                          max_prompt=t.max_len // 2, max_new_tokens=t.regenerate_max_new_tokens, seed=t.seed,
-                          deadline=deadline)
-    finally:
-        torch.set_num_threads(threads)
+    return regenerate(t.data, path, hf_dir, t.limit, t.regenerate, t.regenerate_batch,
+                      max_prompt=t.max_len // 2, max_new_tokens=t.regenerate_max_new_tokens,
+                      seed=t.seed + 1_000_003 * shard[0], deadline=deadline, shard=shard, progress=shard[0] == 0)
 
 
 REGENERATE_WAIT_S = 12 * 3600  # without a time budget
@@ -136,15 +152,15 @@ class TimeBudgetReached(SPDError):
     """The time budget ran out before training started (generation is resumable)."""
 
 
-def _wait_for(done: Path, path: Path, deadline: Optional[float]) -> Path:
-    give_up = (deadline if deadline is not None else time.monotonic()) + REGENERATE_WAIT_S  # rank 0 ends its batch
-    while not done.is_file():
+def _wait_for(marker: Path, deadline: Optional[float]) -> bool:
+    """Whether the rank behind ``marker`` completed its part (False: the time budget stopped it)."""
+    give_up = (deadline if deadline is not None else time.monotonic()) + REGENERATE_WAIT_S  # a rank ends its batch
+    while not marker.is_file():
         if time.monotonic() > give_up:
-            raise SPDError(f"rank 0 did not finish {path} in time; rerun the same command to continue")
-        time.sleep(5)
-    if done.read_text().strip() != "complete":
-        raise TimeBudgetReached(f"rank 0 stopped generating {path} at the time budget; rerun to continue")
-    return path
+            raise SPDError(f"no {marker.name} after {REGENERATE_WAIT_S} s (a rank died while generating?); "
+                           "rerun the same command to continue")
+        time.sleep(2)
+    return marker.read_text().strip() == "complete"
 
 
 def write_model_card(folder: Path, record: dict) -> None:
