@@ -53,7 +53,7 @@ def resolve_checkpoint(cfg: SPDConfig) -> Path:
 
 
 def build_placement(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StagePlacement:
-    split = split_layers(arch.num_layers, ctx.pp_size, cfg.parallel.layers_per_stage)
+    split = stage_split(cfg, arch, ctx.pp_size)
     return StagePlacement(ctx.pp_rank, ctx.pp_size, ctx.tp_rank, ctx.tp_size, tuple(split))
 
 
@@ -132,6 +132,28 @@ def pdm_config(cfg: SPDConfig, arch: ArchSpec, split: list[int]):
 SHIPPED_DRAFTS = Path(__file__).parent / "drafts"
 
 
+def stage_split(cfg: SPDConfig, arch: ArchSpec, pp_size: int) -> list[int]:
+    """Layers per stage: parallel.layers_per_stage; else, for a drafting schedule, the split its
+    draft was trained for (draft.path, or the one shipped for this many stages); else balanced."""
+    if not cfg.parallel.layers_per_stage and pp_size > 1 and get_schedule_class(cfg.schedule.name).has_draft:
+        trained = trained_split(cfg, pp_size)
+        if trained and sum(trained) == arch.num_layers:
+            return trained
+    return split_layers(arch.num_layers, pp_size, cfg.parallel.layers_per_stage)
+
+
+def trained_split(cfg: SPDConfig, num_stages: int) -> list[int]:
+    """The stage split of draft.path, or of the draft shipped for the builtin model with
+    ``num_stages`` stages ([] if neither gives one for that many stages)."""
+    folder = Path(cfg.draft.path) if cfg.draft.path else \
+        None if cfg.model.checkpoint else SHIPPED_DRAFTS / cfg.model.builtin / f"n{num_stages}"
+    config = folder / "pdm_config.json" if folder is not None else None
+    if config is None or not config.is_file():
+        return []
+    split = list(json.loads(config.read_text()).get("split", []))
+    return split if len(split) == num_stages else []
+
+
 def draft_path(cfg: SPDConfig, split: list[int]) -> str:
     """draft.path, else a draft shipped for the builtin model and this stage layout, else ''."""
     if cfg.draft.path or cfg.model.checkpoint:
@@ -157,7 +179,7 @@ def check_random_draft_allowed(cfg: SPDConfig, split: list[int]) -> None:
     n, layout = len(split), "[" + ",".join(map(str, split)) + "]"
     shipped = [] if cfg.model.checkpoint else shipped_splits(cfg.model.builtin)
     have = (f"drafts ship for {cfg.model.builtin} with " + " and ".join(
-        f"n={len(s)} (layers_per_stage=[{','.join(map(str, s))}], balanced)" for s in shipped)) if shipped \
+        f"n={len(s)} (layers_per_stage=[{','.join(map(str, s))}])" for s in shipped)) if shipped \
         else "no draft ships for model.checkpoint"
     model = f" model.checkpoint={cfg.model.checkpoint}" if cfg.model.checkpoint else ""
     raise SPDError(f"schedule.name=spd has no trained draft for {n} stages, layers_per_stage={layout}: {have}. "
@@ -245,7 +267,7 @@ def build_draft_server(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: A
     from spd_megatron.schedule.draft_host import DraftHost
     from spd_megatron.schedule.spd import DraftServer
 
-    split = split_layers(arch.num_layers, ctx.pp_size, cfg.parallel.layers_per_stage)
+    split = stage_split(cfg, arch, ctx.pp_size)
     pdm_cfg = pdm_config(cfg, arch, split)
     seed_megatron_rng(cfg.sampling.seed, outside_model_groups=True)
     draft = pdm_draft(cfg, load_pdm(cfg, ckpt, pdm_cfg, arch, ctx), ctx)

@@ -19,10 +19,12 @@ def available_index(depth: int, split: Sequence[int]) -> int:
 
 
 def default_anchors(split: Sequence[int]) -> list[int]:
-    """The spec's auto rule, on stage boundaries: {0, lps, 3 lps, 6 lps, L-1} clamped to [0, L]."""
+    """The spec's auto rule {0, lps, 3 lps, 6 lps, L-1} clamped to [0, L], with ``k lps`` read as
+    the end of stage k: the same anchors for stages of equal size, and otherwise the newest
+    token's features are the deepest it has (e.g. [18, 12] -> [0, 18, 29, 30], not layer 15)."""
     num_layers = sum(split)
-    lps = max(num_layers // len(split), 1)
-    return sorted({min(max(b, 0), num_layers) for b in (0, lps, 3 * lps, 6 * lps, num_layers - 1)})
+    ends = [sum(split[:k]) if k <= len(split) else num_layers for k in (1, 3, 6)]
+    return sorted({min(max(b, 0), num_layers) for b in (0, *ends, num_layers - 1)})
 
 
 def check_anchors(anchors: Sequence[int], num_layers: int) -> list[int]:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from spd_megatron.config import ParallelConfig, load_config
 from spd_megatron.draft.pdm import PDM_WEIGHTS, PipelineDraftModule, load_pdm_weights, read_pdm_config
-from spd_megatron.engine import SHIPPED_DRAFTS, draft_path, pdm_config
+from spd_megatron.engine import SHIPPED_DRAFTS, draft_path, pdm_config, stage_split
 from spd_megatron.errors import SPDError
 from spd_megatron.parallel.layout import split_layers
 from spd_megatron.target.arch import ArchSpec
@@ -24,12 +24,25 @@ STAGES = (2, 4)
 def test_a_draft_ships_for_the_default_split_and_is_picked(n):
     folder = SHIPPED_DRAFTS / BUILTIN / f"n{n}"
     cfg = read_pdm_config(folder)
-    split = split_layers(30, n, [])
-    assert cfg.split == split
-    assert draft_path(load_config("default", []), split) == str(folder)
+    arch = ArchSpec.from_dict(cfg.target)
+    spd = load_config("default", ["schedule.name=spd"])
+    split = stage_split(spd, arch, n)  # no layers_per_stage: the split the shipped draft was trained for
+    assert split == cfg.split and sum(split) == arch.num_layers
+    assert draft_path(spd, split) == str(folder)
     other = [split[0] + 1, split[1] - 1, *split[2:]]
-    assert draft_path(load_config("default", []), other) == ""  # another layout: not this draft
+    assert draft_path(spd, other) == ""  # another layout: not this draft
     assert draft_path(load_config("default", ["draft.path=/x"]), split) == "/x"  # explicit path wins
+    assert stage_split(load_config("default", ["schedule.name=autoregressive"]), arch, n) == split_layers(30, n, [])
+    explicit = load_config("default", ["schedule.name=spd", f"parallel.layers_per_stage={other}"])
+    assert stage_split(explicit, arch, n) == other  # an explicit split wins (and then needs its own draft)
+
+
+def test_a_draft_path_brings_its_split(tmp_path):
+    arch = ArchSpec.from_dict(read_pdm_config(SHIPPED_DRAFTS / BUILTIN / "n2").target)
+    (tmp_path / "pdm_config.json").write_text(json.dumps({"split": [20, 10], "anchors": [0, 20, 29, 30]}))
+    cfg = load_config("default", ["schedule.name=spd", f"draft.path={tmp_path}"])
+    assert stage_split(cfg, arch, 2) == [20, 10]
+    assert stage_split(cfg, arch, 3) == [10, 10, 10]  # trained for 2 stages: 3 get the balanced split
 
 
 def test_spd_without_a_trained_draft_is_refused_unless_random_is_allowed():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -35,7 +36,9 @@ def build_teacher(cfg: SPDConfig, anchors_for_split, ctx):
     arch = read_arch(ckpt)
     split = split_layers(arch.num_layers, cfg.train.num_stages, cfg.parallel.layers_per_stage)
     anchors = anchors_for_split(split, arch)
-    stage = build_stage(cfg, ctx, ckpt, arch)
+    whole = copy.deepcopy(cfg)  # the teacher is one stage; the split is the draft's (decode) layout
+    whole.parallel.layers_per_stage = []
+    stage = build_stage(whole, ctx, ckpt, arch)
     eos = tuple(read_record(ckpt).get("eos_token_ids", ()))
     return Teacher(stage, anchors), ckpt, arch, split, load_tokenizer(ckpt), eos
 
