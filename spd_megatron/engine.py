@@ -107,7 +107,12 @@ def build_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec) -> StageLin
         return None
     prev_rank = None if ctx.is_first_stage else ctx.stage_rank(ctx.pp_rank - 1)
     next_rank = None if ctx.is_last_stage else ctx.stage_rank(ctx.pp_rank + 1)
-    stage_ranks = [ctx.stage_rank(s) for s in range(ctx.pp_size)]
+    return make_link(cfg, ctx, arch, prev_rank, next_rank, [ctx.stage_rank(s) for s in range(ctx.pp_size)])
+
+
+def make_link(cfg: SPDConfig, ctx: ParallelContext, arch: ArchSpec, prev_rank, next_rank,
+              stage_ranks: list[int]) -> StageLink:
+    """This rank's StageLink (a stage's ring neighbours, or None/None on the dedicated draft rank)."""
     return StageLink(ctx.rank, prev_rank, next_rank, stage_ranks[0], stage_ranks[-1],
                      arch.hidden_size, TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks,
                      device=ctx.comm_device, control_group=ctx.claim_control_group(),
@@ -202,15 +207,15 @@ def pdm_draft(cfg: SPDConfig, module, ctx: ParallelContext):
     from spd_megatron.draft.pdm import PDMDraft
 
     graphs = None
+    tp_size = 1 if ctx.is_draft_rank else ctx.tp_size  # the dedicated draft rank runs the PDM alone
     if cfg.draft.cuda_graphs:
         from spd_megatron.draft.cuda_graphs import make_pdm_graphs
 
-        graphs = make_pdm_graphs(module, 1 if ctx.is_draft_rank else ctx.tp_size, p2p_backend(ctx),
-                                 None if ctx.is_draft_rank else ctx.tp_group)
+        graphs = make_pdm_graphs(module, tp_size, p2p_backend(ctx), None if ctx.is_draft_rank else ctx.tp_group)
     if graphs is None:
         from spd_megatron.target.compiled import compiled_pdm_step
 
-        graphs = compiled_pdm_step(cfg, module, 1 if ctx.is_draft_rank else ctx.tp_size)  # model.compile
+        graphs = compiled_pdm_step(cfg, module, tp_size)  # model.compile
     return PDMDraft(module, graphs)
 
 
@@ -272,10 +277,7 @@ def build_draft_server(cfg: SPDConfig, ctx: ParallelContext, ckpt: Path, arch: A
     seed_megatron_rng(cfg.sampling.seed, outside_model_groups=True)
     draft = pdm_draft(cfg, load_pdm(cfg, ckpt, pdm_cfg, arch, ctx), ctx)
     stage_ranks = [ctx.layout.rank_of(s, 0) for s in range(ctx.pp_size)]
-    link = StageLink(ctx.rank, None, None, stage_ranks[0], stage_ranks[-1], arch.hidden_size,
-                     TORCH_DTYPES[cfg.model.dtype], cfg.parallel.timeout_s, stage_ranks,
-                     device=ctx.comm_device, control_group=ctx.claim_control_group(),
-                     reverse_group=ctx.reverse_group, cpu_peers=ctx.cpu_peers)
+    link = make_link(cfg, ctx, arch, None, None, stage_ranks)
     report = [stage_anchors(s, pdm_cfg.anchors, split) for s in range(ctx.pp_size)]
     remote = {s: stage_ranks[s] for s in range(ctx.pp_size) if report[s]}
     host = DraftHost(draft, link, report, remote, ctx.pp_size, arch.hidden_size, link.dtype)

@@ -12,6 +12,9 @@ Side by side in one run, same prompts and tokens, greedy fp32, SmolLM2-135M-Inst
   hf_t<T>      HF ``generate`` (greedy, eager) in the driver with T = --hf-threads threads
                  (default 2: both cores, as the two ranks get); tokens checked against ar_pp1
 ``--layer-spec`` picks model.layer_spec for our runs (default: the config's, lean on CPU).
+``--splits 15,15 18,12`` runs the PP=2 rows once per stage split (rows named ``spd_oracle@18,12``;
+default: the split an SPD run takes by itself); ``--draft DIR`` is the PDM of spd_pdm (default: the
+shipped one), a row skipped for a split the draft was not trained for.
 Per-cycle overhead = cycle time - the slowest stage's compute per cycle (from every rank).
 Writes a table, runs/bench_spd/bench_spd.json and bench_spd.png. ``--worker`` is the torchrun side.
 """
@@ -43,13 +46,22 @@ def worker(args) -> None:
     from spd_megatron.parallel.link import gather_to_rank0
     from spd_megatron.schedule.spd import SPDSchedule
 
+    from spd_megatron.errors import SPDError
+
     spec = [f"model.layer_spec={args.layer_spec}"] if args.layer_spec else []
-    cfg = load_config("default", [f"max_new_tokens={args.max_new_tokens}"] + spec)
-    engine = build_engine(cfg)
+    spec += [f"parallel.layers_per_stage=[{args.split}]"] if args.split else []
+    spec += [f"draft.path={args.draft}"] if args.draft else []
+    cfg = load_config("default", [f"max_new_tokens={args.max_new_tokens}", "schedule.name=spd"] + spec)
+    engine_cfg = load_config("default", [f"max_new_tokens={args.max_new_tokens}"] + spec)
+    if not args.split and int(os.environ.get("WORLD_SIZE", "1")) == 2:  # the split an SPD run would take
+        engine_cfg.parallel.layers_per_stage = spd_split(cfg)
+    engine = build_engine(engine_cfg)
     pdm = None
     if engine.ctx.pp_size > 1:
-        cfg.schedule.name = "spd"
-        pdm = build_schedule(cfg, engine.stage, engine.schedule.link, engine.checkpoint, engine.ctx)
+        try:
+            pdm = build_schedule(cfg, engine.stage, engine.schedule.link, engine.checkpoint, engine.ctx)
+        except SPDError as err:  # no draft for this split: the oracle row only
+            print(f"spd_pdm skipped: {err}", file=sys.stderr)
     records = []
     for text in read_prompts_file(args.prompts, args.limit):
         ids = encode_prompt(engine.tokenizer, text)
@@ -61,6 +73,8 @@ def worker(args) -> None:
         oracle = OracleDraft(ids + ref.output_ids, engine.arch.vocab_size) if first else None
         spd = SPDSchedule(engine.stage, engine.schedule.link, engine.schedule.sampling, draft=oracle)
         for name, sched in (("spd_oracle", spd), ("spd_pdm", pdm)):
+            if sched is None:
+                continue
             out = sched.generate(ids, args.max_new_tokens)
             records.append((name, out.stats.to_dict(), out.output_ids))
             assert not first or out.output_ids == ref.output_ids, "SPD must equal autoregressive"
@@ -70,12 +84,22 @@ def worker(args) -> None:
     torch.distributed.destroy_process_group()
 
 
+def spd_split(cfg) -> list[int]:
+    """The PP=2 split schedule.name=spd takes without parallel.layers_per_stage."""
+    from spd_megatron.convert.checkpoint import read_arch
+    from spd_megatron.engine import resolve_checkpoint, stage_split
+
+    return stage_split(cfg, read_arch(resolve_checkpoint(cfg)), 2)
+
+
 # ---- driver ----------------------------------------------------------------------------------
-def launch(nproc: int, args, out: Path) -> list:
+def launch(nproc: int, args, out: Path, split: str = "") -> list:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            __file__, "--worker", "--worker-out", str(out), "--prompts", args.prompts,
            "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens)]
     cmd += ["--layer-spec", args.layer_spec] if args.layer_spec else []
+    cmd += ["--split", split] if split else []
+    cmd += ["--draft", args.draft] if args.draft else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     if proc.returncode != 0:
@@ -125,14 +149,17 @@ def run(args) -> dict:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_name = f"hf_t{args.hf_threads}"
-    samples = {name: [] for name in (*RUNS, hf_name)}
+    splits = args.splits or [""]
+    rows = ["ar_pp1"] + [f"{n}{'@' + s if s else ''}" for s in splits for n, p in RUNS.items() if p == 2]
+    samples = {name: [] for name in (*rows, hf_name)}
     model, same = load_hf(args.hf) if args.hf_threads else None, []
     for rep in tqdm(range(args.repeats), desc="repeats"):
-        for nproc in (1, 2):
-            recs = launch(nproc, args, out_dir / f"worker_{nproc}_{rep}.json")
+        for nproc, split in [(1, "")] + [(2, s) for s in splits]:
+            recs = launch(nproc, args, out_dir / f"worker_{nproc}_{split.replace(',', '-')}_{rep}.json", split)
             for name in [n for n, p in RUNS.items() if p == nproc]:
                 key = "ar" if name.startswith("ar") else name
-                samples[name].append(per_cycle(recs, key))
+                if any(n == key for n, _, _ in recs[0]):
+                    samples[f"{name}{'@' + split if split else ''}"].append(per_cycle(recs, key))
             if nproc == 1 and model is not None:
                 ours = [ids for n, _, ids in recs[0] if n == "ar"]
                 sample, hf_ids = hf_run(model, args)
@@ -196,6 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--layer-spec", default="", help="model.layer_spec of our runs (default: the config's)")
     p.add_argument("--hf-threads", type=int, default=2, help="threads of the HF generate row (0: no HF row)")
     p.add_argument("--hf", default=str(Path.home() / ".cache" / "spd_megatron" / "hf" / "smollm2-135m-instruct"))
+    p.add_argument("--splits", nargs="*", default=[], help="PP=2 stage splits to compare, e.g. 15,15 18,12")
+    p.add_argument("--draft", default="", help="PDM folder of the spd_pdm row (default: the shipped draft)")
+    p.add_argument("--split", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

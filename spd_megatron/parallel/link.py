@@ -312,11 +312,13 @@ class StageLink:
             work.wait(self.timeout)
         except RuntimeError as err:
             raise_peer_failure()
-            raise SPDError(
-                f"rank {self.rank}: no {what} rank {peer} within {self.timeout.total_seconds():.0f} s "
-                f"({str(err).splitlines()[0][:120]}); that rank is stuck or died: see its log, "
-                "or raise parallel.timeout_s"
-            ) from None
+            waited = time.perf_counter() - start
+            limit = self.timeout.total_seconds()
+            why = (f"within {limit:.0f} s ({str(err).splitlines()[0][:120]}); that rank is stuck or died: see "
+                   "its log, or raise parallel.timeout_s") if waited >= 0.9 * limit else \
+                  (f"after {waited:.1f} s: the connection failed ({str(err).splitlines()[0][:120]}); that rank "
+                   "died: see its log")
+            raise SPDError(f"rank {self.rank}: no {what} rank {peer} {why}") from None
         finally:
             self.wait_seconds += time.perf_counter() - start
 

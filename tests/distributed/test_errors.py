@@ -137,6 +137,26 @@ def test_receive_times_out_with_a_clear_message():
     run_distributed(_peer_silent, 2, timeout_s=60)
 
 
+def _peer_dies(rank, world_size):
+    import torch
+
+    if rank == 0:
+        link = StageLink(0, prev_rank=1, next_rank=None, first_rank=0, last_rank=1, hidden_size=8,
+                         dtype=torch.float32, timeout_s=30)
+        start = time.monotonic()
+        with pytest.raises(SPDError, match=r"rank 0: no header from rank 1 after [0-9.]+ s: the connection failed"):
+            link.recv_prev()
+        assert time.monotonic() - start < 25, "a dead peer is reported as it happens, not at the timeout"
+    else:
+        time.sleep(1)
+        os._exit(0)  # dies without a word (as after a kill)
+
+
+@pytest.mark.distributed
+def test_a_dead_peer_is_named_at_once_not_as_a_timeout():
+    run_distributed(_peer_dies, 2, timeout_s=60)
+
+
 def test_cli_error_is_one_line_on_every_rank(tiny_models):
     """The real launcher: torchrun with the wrong process count exits non-zero, quickly, one line."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
