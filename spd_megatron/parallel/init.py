@@ -277,17 +277,17 @@ def init_parallel(cfg: ParallelConfig, extra_ranks: int = 0) -> ParallelContext:
         SPDError: the launched world size does not match TP x PP (+ extra ranks).
     """
     apply_cpu_patches()
-    env = start_process_group(cfg, extra_ranks)
-    from spd_megatron.parallel.threads import apply_threads
-
-    apply_threads(cfg.threads_per_rank, local_world_size())  # parallel.threads_per_rank
-    try:
-        layout = resolve_layout(env.world_size - extra_ranks, cfg.tensor_parallel_size,
+    try:  # before any group exists: every rank fails alone, at once, with this line
+        layout = resolve_layout(read_launch_env().world_size - extra_ranks, cfg.tensor_parallel_size,
                                 cfg.pipeline_parallel_size)
     except SPDError as err:
         if not extra_ranks:
             raise
         raise SPDError(f"{err} (plus {extra_ranks} dedicated draft rank: launch one more process)") from None
+    env = start_process_group(cfg, extra_ranks)
+    from spd_megatron.parallel.threads import apply_threads
+
+    apply_threads(cfg.threads_per_rank, local_world_size())  # parallel.threads_per_rank
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
