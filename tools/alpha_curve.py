@@ -38,7 +38,7 @@ def tokens_seen(ckpt: Path) -> int:
 
 def decode_report(run: Path, ckpt: Path, prompt_set: str, args) -> dict:
     """Run decode.py on the checkpoint (skipped when its report exists); the report's summary."""
-    report = args.out / f"{run.name}_{ckpt.name}_{prompt_set}.json"
+    report = args.out / f"{run.name}_{ckpt.name}_{set_name(prompt_set)}.json"
     if not report.is_file():
         split = json.loads((ckpt / "pdm_config.json").read_text())["split"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(len(split)),
@@ -50,6 +50,11 @@ def decode_report(run: Path, ckpt: Path, prompt_set: str, args) -> dict:
         if error:
             raise SystemExit(f"error: {error}")
     return json.loads(report.read_text())["summary"]
+
+
+def set_name(prompt_set: str) -> str:
+    """A prompt set's short name: the builtin name, or a jsonl path's stem."""
+    return Path(prompt_set).stem
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -75,7 +80,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--sets", nargs="+", default=["mt_bench", "humaneval"])
+    parser.add_argument("--sets", nargs="+", default=["mt_bench", "humaneval"],
+                        help="builtin prompt sets or EAGLE-format jsonl files")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--timeout-s", type=float, default=1800)
@@ -92,7 +98,7 @@ def main(argv=None) -> int:
     rows = []
     for run, ckpt, prompt_set in tqdm(jobs, desc="alpha curve", unit="decode"):
         s = decode_report(run, ckpt, prompt_set, args)
-        rows.append({"run": run.name, "checkpoint": ckpt.name, "set": prompt_set, "tokens_seen": tokens_seen(ckpt),
+        rows.append({"run": run.name, "checkpoint": ckpt.name, "set": set_name(prompt_set), "tokens_seen": tokens_seen(ckpt),
                      "alpha": s["acceptance_rate"], "tokens_per_cycle": s["tokens_per_cycle"],
                      "E": s["equivalent_accept_length"], "decode_tokens_per_s": s["decode_tokens_per_s"]})
     print(f"{'run':<16} {'checkpoint':<12} {'set':<10} {'tokens':>9} {'alpha':>6} {'tok/cycle':>9} {'E':>5} {'tok/s':>6}")

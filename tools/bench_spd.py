@@ -13,8 +13,8 @@ Side by side in one run, same prompts and tokens, greedy fp32, SmolLM2-135M-Inst
                  (default 2: both cores, as the two ranks get); tokens checked against ar_pp1
 ``--layer-spec`` picks model.layer_spec for our runs (default: the config's, lean on CPU).
 ``--splits 15,15 18,12`` runs the PP=2 rows once per stage split (rows named ``spd_oracle@18,12``;
-default: the split an SPD run takes by itself); ``--draft DIR`` is the PDM of spd_pdm (default: the
-shipped one), a row skipped for a split the draft was not trained for.
+default: the split an SPD run takes by itself); ``--drafts DIR ...`` are PDMs for spd_pdm, each
+used for the split it was trained for (default: the shipped one; no draft for a split: no row).
 Per-cycle overhead = cycle time - the slowest stage's compute per cycle (from every rank).
 Writes a table, runs/bench_spd/bench_spd.json and bench_spd.png. ``--worker`` is the torchrun side.
 """
@@ -50,7 +50,7 @@ def worker(args) -> None:
 
     spec = [f"model.layer_spec={args.layer_spec}"] if args.layer_spec else []
     spec += [f"parallel.layers_per_stage=[{args.split}]"] if args.split else []
-    spec += [f"draft.path={args.draft}"] if args.draft else []
+    spec += [f"draft.path={d}" for d in args.drafts if args.split and trained_for(d) == args.split][:1]
     cfg = load_config("default", [f"max_new_tokens={args.max_new_tokens}", "schedule.name=spd"] + spec)
     engine_cfg = load_config("default", [f"max_new_tokens={args.max_new_tokens}"] + spec)
     if not args.split and int(os.environ.get("WORLD_SIZE", "1")) == 2:  # the split an SPD run would take
@@ -67,7 +67,7 @@ def worker(args) -> None:
         ids = encode_prompt(engine.tokenizer, text)
         ref = engine.schedule.generate(ids, args.max_new_tokens)
         records.append(("ar", ref.stats.to_dict(), ref.output_ids))
-        if pdm is None:
+        if engine.ctx.pp_size == 1:
             continue
         first = engine.stage.placement.is_first
         oracle = OracleDraft(ids + ref.output_ids, engine.arch.vocab_size) if first else None
@@ -82,6 +82,11 @@ def worker(args) -> None:
     if engine.ctx.rank == 0:
         Path(args.worker_out).write_text(json.dumps(gathered))
     torch.distributed.destroy_process_group()
+
+
+def trained_for(folder: str) -> str:
+    """The split a PDM folder was trained for, as "a,b"."""
+    return ",".join(map(str, json.loads((Path(folder) / "pdm_config.json").read_text())["split"]))
 
 
 def spd_split(cfg) -> list[int]:
@@ -99,7 +104,7 @@ def launch(nproc: int, args, out: Path, split: str = "") -> list:
            "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens)]
     cmd += ["--layer-spec", args.layer_spec] if args.layer_spec else []
     cmd += ["--split", split] if split else []
-    cmd += ["--draft", args.draft] if args.draft else []
+    cmd += ["--drafts", *args.drafts] if args.drafts else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     if proc.returncode != 0:
@@ -224,7 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-threads", type=int, default=2, help="threads of the HF generate row (0: no HF row)")
     p.add_argument("--hf", default=str(Path.home() / ".cache" / "spd_megatron" / "hf" / "smollm2-135m-instruct"))
     p.add_argument("--splits", nargs="*", default=[], help="PP=2 stage splits to compare, e.g. 15,15 18,12")
-    p.add_argument("--draft", default="", help="PDM folder of the spd_pdm row (default: the shipped draft)")
+    p.add_argument("--drafts", nargs="*", default=[], help="PDM folders for spd_pdm, matched to --splits by their split")
     p.add_argument("--split", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
