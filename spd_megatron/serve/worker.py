@@ -98,6 +98,7 @@ class DecodeWorker:
         self.running: Optional[Job] = None
         self._stopping = False
         self._shutdown_at = 0.0
+        self._dropped: list[Job] = []  # waiting at SIGTERM behind a running job: answered when it ends
         self.thread = threading.Thread(target=self._main, name="spd-decode", daemon=True)
 
     # ---- event-loop side --------------------------------------------------------------------
@@ -121,12 +122,19 @@ class DecodeWorker:
             self._cond.notify()
 
     def begin_shutdown(self) -> None:
-        """SIGTERM: refuse new jobs, answer waiting ones 503, let the running one finish (grace)."""
+        """SIGTERM: refuse new jobs, let the running one finish (grace), answer waiting ones 503.
+
+        Waiting jobs are answered at once when nothing runs; behind a running job they are answered
+        when it ends, so that a SIGTERM which only follows a rank's death (torchrun stops the other
+        ranks) reports the pipeline failure the running job meets, not a plain shutdown.
+        """
         with self._cond:
             if self._stopping:
                 return
             self._stopping, self._shutdown_at = True, time.monotonic()
             dropped, self._waiting = list(self._waiting), deque()
+            if self.running is not None:
+                self._dropped, dropped = dropped, []
             self._cond.notify()
         for job in dropped:
             job.post("error", 503, "the server is shutting down")
@@ -174,8 +182,15 @@ class DecodeWorker:
             result = wire.run(self.engine, job.req, on_token=job.on_token, should_stop=stop)
             job.post("done", result)
             self.observe(job, result)
+        self._finish_running()
+
+    def _finish_running(self) -> None:
+        """The running job ended well: answer the jobs a shutdown dropped behind it."""
         with self._cond:
             self.running = None
+            dropped, self._dropped = self._dropped, []
+        for waiting in dropped:
+            waiting.post("error", 503, "the server is shutting down")
 
     def _stop_check(self, job: Job) -> Callable[[], bool]:
         def should_stop() -> bool:
@@ -191,8 +206,9 @@ class DecodeWorker:
         report_failure(0, message)
         with self._cond:
             self.failure = f"the decode pipeline failed: {message}"
-            jobs = ([self.running] if self.running else []) + list(self._waiting)
+            jobs = ([self.running] if self.running else []) + self._dropped + list(self._waiting)
             self._waiting.clear()
+            self._dropped = []
         for job in jobs:
             job.post("error", 503, self.failure)
         self.on_failure()

@@ -88,19 +88,40 @@ def test_metrics_text_has_vllm_like_spec_decode_counters():
         assert line in text.splitlines(), line
 
 
-def test_fifo_refuses_beyond_max_queue_and_drops_waiting_on_shutdown():
-    loop = asyncio.new_event_loop()
+def _queued_worker(loop):
     worker = DecodeWorker(engine=None, link=None, ranks=[], max_queue=1, heartbeat_s=0.01)
     jobs = [Job(DecodeRequest((1,), 1), loop, time.monotonic() + 60) for _ in range(3)]
     worker.running = jobs[0]  # as if the decode thread had taken it
     worker.submit(jobs[1])
+    return worker, jobs
+
+
+def test_fifo_refuses_beyond_max_queue_and_drops_waiting_on_shutdown():
+    loop = asyncio.new_event_loop()
+    worker, jobs = _queued_worker(loop)
     with pytest.raises(QueueFull, match="serve.max_queue=1"):
         worker.submit(jobs[2])
     worker.begin_shutdown()
-    loop.run_until_complete(asyncio.sleep(0))
-    assert jobs[1].events.get_nowait() == ("error", 503, "the server is shutting down")
     with pytest.raises(RuntimeError, match="shutting down"):
         worker.submit(jobs[2])
+    loop.run_until_complete(asyncio.sleep(0))
+    assert jobs[1].events.empty()  # answered when the running job ends, not before
+    worker._finish_running()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert jobs[1].events.get_nowait() == ("error", 503, "the server is shutting down")
+    worker.begin_shutdown()  # idle now: a job waiting at shutdown is answered at once
+    loop.close()
+
+
+def test_a_shutdown_that_follows_a_rank_death_reports_the_failure_to_waiting_jobs():
+    """torchrun SIGTERMs rank 0 when another rank dies; the waiting job must hear why."""
+    loop = asyncio.new_event_loop()
+    worker, jobs = _queued_worker(loop)
+    worker.begin_shutdown()
+    worker._fail(RuntimeError("rank 1: the connection failed"))
+    loop.run_until_complete(asyncio.sleep(0))
+    for job in jobs[:2]:
+        assert job.events.get_nowait() == ("error", 503, "the decode pipeline failed: rank 1: the connection failed")
     loop.close()
 
 
