@@ -16,7 +16,7 @@ BUILTIN_PROMPT_SETS = {p.stem: p for p in (Path(__file__).parent.parent / "data"
 
 
 def resolve_prompts_file(path: str) -> Path:
-    """A jsonl path, or the name of a prompt set shipped with the package (mt_bench, humaneval)."""
+    """A jsonl path, or the name of a prompt set shipped with the package (mt_bench, humaneval, handwritten)."""
     file = Path(path)
     if file.is_file():
         return file

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from tiny_models import byte_tokenizer
 
@@ -16,6 +18,8 @@ from spd_megatron.draft.training.data import (
     to_messages,
 )
 from spd_megatron.draft.training.vocab import build_draft_vocab
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sharegpt_and_messages_records():
@@ -65,3 +69,25 @@ def test_draft_vocab_round_trip():
     assert torch.equal(torch.tensor(vocab.token_ids)[table[torch.tensor(vocab.token_ids)]],
                        torch.tensor(vocab.token_ids))
     assert (table >= 0).sum() == len(vocab.token_ids) and 0 < vocab.coverage <= 1
+
+
+def test_make_prompt_set_skips_the_training_range_and_keeps_short_ascii_first_turns(tmp_path):
+    import importlib.util
+
+    from spd_megatron.eval.prompts import read_prompt_set
+
+    spec = importlib.util.spec_from_file_location("make_prompt_set", ROOT / "tools" / "make_prompt_set.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    conv = lambda text: {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "ok"}]}  # noqa: E731
+    records = [conv("seen in training, long enough"), conv("x"), conv("日本語のプロンプトです、長いです"),
+               conv("What is a tuple in Python?"), conv("Name three rivers in Europe."), conv("unused after the count")]
+    data = tmp_path / "conv.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "set.jsonl"
+    assert tool.main(["--data", str(data), "--start", "1", "--count", "2", "--out", str(out)]) == 0
+    items = read_prompt_set(str(out))
+    assert [(i.id, i.text) for i in items] == [("3", "What is a tuple in Python?"), ("4", "Name three rivers in Europe.")]
+    with pytest.raises(SystemExit, match="only 3 usable prompts"):
+        tool.main(["--data", str(data), "--start", "1", "--count", "4", "--out", str(out)])
+    assert len(read_prompt_set("handwritten")) == 8  # the shipped hand-written set
