@@ -12,6 +12,7 @@ positions, so one conversation at a time, a padded batch and DP ranks give the s
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -169,8 +170,10 @@ class PDMTrainer:
         self.dp = dp if dp is not None and dp.size > 1 else None
         self.net = self.block
         if self.dp is not None:
-            self.net = nn.parallel.DistributedDataParallel(self.block, process_group=self.dp.group,
-                                                           broadcast_buffers=False)  # constant buffers
+            with warnings.catch_warnings():  # newer torch prefers forward_sync_buffers, which older ones lack
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+                self.net = nn.parallel.DistributedDataParallel(self.block, process_group=self.dp.group,
+                                                               broadcast_buffers=False)  # constant buffers
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
