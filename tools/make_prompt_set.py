@@ -3,8 +3,8 @@
 
     python tools/make_prompt_set.py --start 15000 --count 16 --out runs/sharegpt_unseen.jsonl
 
-Training reads the first ``train.limit`` usable conversations of the same stream (a few thousand at
-most), so prompts from ``--start`` on are unseen by every shipped draft. Keeps first user turns of
+Training reads the first ``train.limit`` usable conversations of the same stream (self-distillation's
+4000th prompt is record 5004), so prompts from ``--start`` on are unseen by every shipped draft. Keeps first user turns of
 10-600 characters that are mostly ASCII (SmolLM2 answers in English), one per conversation; the
 file feeds ``prompts_file=``, ``tools/alpha_curve.py --sets`` and ``tools/bench_spd.py``.
 """
@@ -12,18 +12,22 @@ file feeds ``prompts_file=``, ``tools/alpha_curve.py --sets`` and ``tools/bench_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 from spd_megatron.draft.training.data import iter_records, to_messages
+from spd_megatron.draft.training.regenerate import first_turn
 
 
-def usable_prompt(messages: list[dict], max_chars: int) -> str | None:
-    """The first user turn when it is a short, mostly-ASCII question."""
-    first = messages[0]["content"].strip() if messages and messages[0]["role"] == "user" else ""
-    if not 10 <= len(first) <= max_chars:
+def usable_prompt(record, max_chars: int) -> str | None:
+    """The record's first user turn (what self-distillation answers) when short and mostly ASCII."""
+    messages = to_messages(record)
+    turn = first_turn(messages) if messages else None
+    text = turn[-1]["content"].strip() if turn else ""
+    if not 10 <= len(text) <= max_chars:
         return None
-    return first if sum(c.isascii() for c in first) >= 0.95 * len(first) else None
+    return text if sum(c.isascii() for c in text) >= 0.95 * len(text) else None
 
 
 def main(argv=None) -> int:
@@ -35,10 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     rows = []
-    for index, record in enumerate(iter_records(args.data)):
-        if index < args.start:
-            continue
-        prompt = usable_prompt(to_messages(record) or [], args.max_chars)
+    for index, record in enumerate(itertools.islice(iter_records(args.data), args.start, None), start=args.start):
+        prompt = usable_prompt(record, args.max_chars)
         if prompt is not None:
             rows.append({"question_id": index, "category": "sharegpt", "turns": [prompt]})
         if len(rows) == args.count:

@@ -23,6 +23,7 @@ from spd_megatron.serve import wire
 
 log = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "the server is shutting down"
 SHUTDOWN_GRACE_S = 10.0  # after SIGTERM the running sequence may finish for this long, then is cancelled
 
 
@@ -114,7 +115,7 @@ class DecodeWorker:
         """Queue a job; QueueFull when ``max_queue`` jobs already wait behind a running one."""
         with self._cond:
             if not self.accepting:
-                raise RuntimeError(self.failure or "the server is shutting down")
+                raise RuntimeError(self.failure or SHUTTING_DOWN)
             if len(self._waiting) + (self.running is not None) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (serve.max_queue="
                                 f"{self.max_queue}); retry later")
@@ -136,8 +137,7 @@ class DecodeWorker:
             if self.running is not None:
                 self._dropped, dropped = dropped, []
             self._cond.notify()
-        for job in dropped:
-            job.post("error", 503, "the server is shutting down")
+        _refuse(dropped, SHUTTING_DOWN)
 
     def start(self) -> None:
         self.thread.start()
@@ -189,8 +189,7 @@ class DecodeWorker:
         with self._cond:
             self.running = None
             dropped, self._dropped = self._dropped, []
-        for waiting in dropped:
-            waiting.post("error", 503, "the server is shutting down")
+        _refuse(dropped, SHUTTING_DOWN)
 
     def _stop_check(self, job: Job) -> Callable[[], bool]:
         def should_stop() -> bool:
@@ -209,6 +208,11 @@ class DecodeWorker:
             jobs = ([self.running] if self.running else []) + self._dropped + list(self._waiting)
             self._waiting.clear()
             self._dropped = []
-        for job in jobs:
-            job.post("error", 503, self.failure)
+        _refuse(jobs, self.failure)
         self.on_failure()
+
+
+def _refuse(jobs: list[Job], message: str) -> None:
+    """Answer jobs that will not run (or not finish) 503 with ``message``."""
+    for job in jobs:
+        job.post("error", 503, message)
