@@ -111,6 +111,9 @@ class TrainConfig:
     """Tokens per conversation (longer ones are truncated)."""
     limit: int = 0
     """Conversations to load (0 = all)."""
+    skip: int = 0
+    """Usable conversations (with regenerate: prompts that fit) passed over before the first one
+    loaded, e.g. to continue a draft (train.init_from) on data it has not seen."""
     held_out: int = 16
     """Conversations kept out of training and evaluated every eval_every steps."""
     num_stages: int = 2
@@ -137,6 +140,10 @@ class TrainConfig:
     deepest anchor through, layers start as the identity)."""
     freeze_head: bool = False
     """Keep the draft head equal to the target's output rows (not trained)."""
+    init_from: str = ""
+    """A trained draft folder (e.g. spd_megatron/drafts/<model>/n2) to continue from: its weights
+    and draft vocabulary, with a fresh optimizer and schedule; its layout, anchors and PDM layers
+    must match this run's. Tokens seen are counted on from its training.json."""
     regenerate: str = "none"
     """Self-distillation: 'greedy' or 'sample' replaces each first assistant turn by the target's
     own reply (Hugging Face generate, cached as out/self_distill_<mode>.jsonl); 'none' trains on
@@ -353,6 +360,9 @@ def validate_config(cfg: SPDConfig) -> None:
         (cfg.serve.max_queue >= 0 and cfg.serve.request_timeout_s > 0,
          "serve.max_queue must be >= 0 and serve.request_timeout_s > 0"),
         (cfg.train.accumulate >= 1, "train.accumulate must be >= 1"),
+        (cfg.train.skip >= 0, "train.skip must be >= 0"),
+        (not (cfg.train.init_from and cfg.train.init != "spec"),
+         f"train.init={cfg.train.init} and train.init_from both set the PDM's start; keep one"),
         (cfg.train.regenerate in ("none", "greedy", "sample"),
          f"train.regenerate={cfg.train.regenerate} must be none, greedy or sample"),
         (cfg.train.regenerate_max_new_tokens >= 1 and cfg.train.regenerate_batch >= 1,

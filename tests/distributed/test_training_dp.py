@@ -318,3 +318,36 @@ def test_a_draft_trains_for_an_uneven_split(tiny_models, tmp_path):
     run_distributed(_uneven_worker, 1, tiny_models["llama"][1], str(data), str(tmp_path / "run"), timeout_s=240)
     config = json.loads((tmp_path / "run" / "final" / "pdm_config.json").read_text())
     assert config["split"] == [3, 1] and config["anchors"] == [0, 3, 4]
+
+
+def _continue_worker(rank, world_size, ckpt, data, out):
+    from spd_megatron.draft.training.run import train_draft
+
+    first = train_draft(run_config(ckpt, data, out / "first", 2, draft_vocab_size=64))
+    with pytest.raises(SPDError, match="train.pdm_layers=1") as err:
+        train_draft(run_config(ckpt, data, out / "deeper", 1, init_from=str(first), pdm_layers=2))
+    assert "\n" not in str(err.value)
+    with pytest.raises(SPDError, match="not a folder"):
+        train_draft(run_config(ckpt, data, out / "nowhere", 1, init_from=str(out / "missing")))
+    train_draft(run_config(ckpt, data, out / "next", 1, init_from=str(first), lr=0.0, skip=3))
+
+
+@pytest.mark.distributed
+def test_a_run_continues_a_trained_draft(tiny_models, tmp_path):
+    """train.init_from: the draft's weights and vocabulary (lr 0 keeps them), tokens counted on."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data.jsonl"
+    write_data(data)
+    run_distributed(_continue_worker, 1, tiny_models["llama"][1], str(data), tmp_path, timeout_s=240)
+    first, later = tmp_path / "first" / "final", tmp_path / "next" / "final"
+    a, b = load_file(str(first / "pdm.safetensors")), load_file(str(later / "pdm.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    vocab = json.loads((first / "pdm_config.json").read_text())["draft_vocab"]
+    assert 0 < len(vocab) <= 64 and json.loads((later / "pdm_config.json").read_text())["draft_vocab"] == vocab
+    before, after = (json.loads((f / "training.json").read_text()) for f in (first, later))
+    assert after["init_from"]["tokens_seen"] == before["tokens_seen"] > 0
+    assert after["tokens_seen"] > before["tokens_seen"]
+    assert after["conversations"]["train"] == before["conversations"]["train"] - 3  # train.skip=3

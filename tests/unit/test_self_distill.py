@@ -73,6 +73,9 @@ def test_shards_merge_into_the_one_process_file(tiny_models, tmp_path):
     merged = tmp_path / "merged.jsonl"
     assert merge_shards(shards, merged) == 3
     assert merged.read_text() == whole.read_text()
+    later = tmp_path / "later.jsonl"  # train.skip: the prompts after the first usable one
+    assert regenerate(str(data), later, hf_dir, limit=2, batch_size=2, max_prompt=200, max_new_tokens=6, skip=1)
+    assert later.read_text().splitlines() == whole.read_text().splitlines()[1:]
 
 
 def test_hf_folder_exports_a_checkpoint_once(tiny_models, tmp_path):

@@ -58,6 +58,8 @@ def test_load_examples_counts_malformed_lines(tmp_path):
     assert len(examples) == 2 and stats.records == 4 and sum(stats.skipped.values()) == 2
     train, held = split_examples(examples, 1, seed=0)
     assert len(train) == len(held) == 1
+    later = load_examples(str(path), byte_tokenizer(), max_len=256, limit=0, skip=1)
+    assert [ex.ids for ex in later] == [examples[1].ids]  # the first usable one passed over
 
 
 def test_draft_vocab_round_trip():

@@ -149,8 +149,9 @@ def render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False
 
 
 def load_examples(source: str, tokenizer: Any, max_len: int, limit: int, min_assistant: int = 8,
-                  stats: Optional[DataStats] = None) -> list[Example]:
-    """Up to ``limit`` encoded conversations (0 = all) with at least ``min_assistant`` targets."""
+                  stats: Optional[DataStats] = None, skip: int = 0) -> list[Example]:
+    """Up to ``limit`` encoded conversations (0 = all) with at least ``min_assistant`` targets,
+    after the first ``skip`` such conversations."""
     stats = stats if stats is not None else DataStats()
     out = []
     for record in iter_records(source):
@@ -162,6 +163,10 @@ def load_examples(source: str, tokenizer: Any, max_len: int, limit: int, min_ass
         example = encode(tokenizer, messages, max_len)
         if example is None or sum(example.assistant) < min_assistant:
             stats.skip("too short or template not prefix-consistent")
+            continue
+        if skip:
+            skip -= 1
+            stats.skip("before train.skip")
             continue
         out.append(example)
         stats.used += 1

@@ -71,9 +71,9 @@ def answer_batch(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
 def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str = "greedy",
                batch_size: int = 16, max_prompt: int = 256, max_new_tokens: int = 256,
                seed: int = 0, deadline: Optional[float] = None, shard: tuple[int, int] = (0, 1),
-               progress: bool = True) -> bool:
+               progress: bool = True, skip: int = 0) -> bool:
     """Write (or complete) ``out_file``: one ``{"messages": [...]}`` record per prompt of at most
-    ``max_prompt`` tokens, up to ``limit`` of them (0 = all). With ``shard=(i, k)`` only prompts
+    ``max_prompt`` tokens, up to ``limit`` of them (0 = all) after the first ``skip``. With ``shard=(i, k)`` only prompts
     i, i + k, i + 2k, ... (one data-parallel rank's share; ``merge_shards`` restores the order).
     Stops between batches once ``time.monotonic()`` passes ``deadline``; returns whether the file
     is complete."""
@@ -83,7 +83,7 @@ def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str 
     done = _count_lines(out_file)
     fits = (p for p in iter_prompts(source) if len(render(tokenizer, p, generation_prompt=True)) <= max_prompt)
     index, count = shard
-    prompts = list(itertools.islice(fits, limit or None))[index::count]
+    prompts = list(itertools.islice(fits, skip, skip + limit if limit else None))[index::count]
     todo = prompts[done:]
     bar = tqdm(total=len(prompts), initial=done, desc=f"self-distill ({mode})", unit="conv", disable=not progress)
     with out_file.open("a") as f:

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -13,13 +14,14 @@ import torch
 
 from spd_megatron.config import SPDConfig
 from spd_megatron.draft.features import check_anchors, default_anchors
-from spd_megatron.draft.pdm import PDMConfig, PipelineDraftModule, init_from_target, save_pdm
+from spd_megatron.draft.pdm import (PDMConfig, PipelineDraftModule, check_pdm_matches, init_from_target,
+                                    load_pdm_weights, read_pdm_config, save_pdm)
 from spd_megatron.draft.training.data import DataStats, load_examples, split_examples
 from spd_megatron.draft.training.batches import check_batch_tokens
 from spd_megatron.draft.training.loop import train_loop
 from spd_megatron.draft.training.regenerate import merge_shards
 from spd_megatron.draft.training.trainer import PDMTrainer, Teacher, apply_init
-from spd_megatron.draft.training.vocab import build_draft_vocab
+from spd_megatron.draft.training.vocab import DraftVocab, build_draft_vocab, existing_draft_vocab
 from spd_megatron.errors import SPDError
 from spd_megatron.parallel.layout import split_layers
 
@@ -65,19 +67,23 @@ def train_draft(cfg: SPDConfig) -> Path:
     teacher, ckpt, arch, split, tokenizer, eos = build_teacher(cfg, pick_anchors, ctx)
     data = self_distill_data(cfg, ckpt, out, deadline) if t.regenerate != "none" else t.data
     stats = DataStats()
-    examples = load_examples(str(data), tokenizer, t.max_len, t.limit, stats=stats)
+    skip = t.skip if t.regenerate == "none" else 0  # a self-distilled file holds only the chosen prompts
+    examples = load_examples(str(data), tokenizer, t.max_len, t.limit, stats=stats, skip=skip)
     train, held = split_examples(examples, t.held_out, t.seed)
-    vocab = build_draft_vocab(train, t.draft_vocab_size, always=eos) if t.draft_vocab_size else None
+    start = read_start(t.init_from, split, arch, teacher.anchors, t.pdm_layers) if t.init_from else None
+    vocab = _draft_vocab(train, t.draft_vocab_size, eos, start)
     vocab_ids = _resumed_vocab(out, t.resume) or (vocab.token_ids if vocab else None)
     pdm_cfg = PDMConfig(list(split), teacher.anchors, t.pdm_layers, vocab_ids, arch.to_dict())
     module = PipelineDraftModule(pdm_cfg, arch, dtype="float32", max_seq_len=cfg.model.max_seq_len)
     with torch.no_grad():
         init_from_target(module, ckpt)
+        if start is not None:
+            load_pdm_weights(module, t.init_from)
     apply_init(module, t.init, t.freeze_head)
     if vocab_ids:
         teacher.restrict(module.vocab_ids)
     trainer = PDMTrainer(module, t.lr, t.warmup, t.steps, t.seed, dp=dp)
-    resumed = _maybe_resume(trainer, out, t.resume)
+    resumed = _maybe_resume(trainer, out, t.resume) or _continued(start)
     source = _feature_source(cfg, teacher, train, ckpt, pdm_cfg)
     record = train_loop(trainer, teacher, train, held, cfg, out, resumed, dp, deadline, source)
     if not dp.is_main:
@@ -86,6 +92,8 @@ def train_draft(cfg: SPDConfig) -> Path:
     record.update(data=source, conversations={"train": len(train), "held_out": len(held)},
                   skipped=stats.skipped, draft_vocab_coverage=vocab.coverage if vocab else 1.0,
                   config=_train_config_dict(cfg, split))
+    if start is not None:
+        record["init_from"] = {"path": t.init_from, **start.record}
     final = save_pdm(module, out / "final", dtype="bfloat16")
     (final / "training.json").write_text(json.dumps(record, indent=2))
     write_model_card(final, record)
@@ -145,7 +153,8 @@ def _generate(cfg: SPDConfig, hf_dir: Path, path: Path, deadline: Optional[float
     t = cfg.train
     return regenerate(t.data, path, hf_dir, t.limit, t.regenerate, t.regenerate_batch,
                       max_prompt=t.max_len // 2, max_new_tokens=t.regenerate_max_new_tokens,
-                      seed=t.seed + 1_000_003 * shard[0], deadline=deadline, shard=shard, progress=shard[0] == 0)
+                      seed=t.seed + 1_000_003 * shard[0], deadline=deadline, shard=shard, progress=shard[0] == 0,
+                      skip=t.skip)
 
 
 REGENERATE_WAIT_S = 12 * 3600  # without a time budget
@@ -210,6 +219,44 @@ def _feature_source(cfg: SPDConfig, teacher: Teacher, train, ckpt: Path, pdm_cfg
     key = cache_key(pdm_cfg.target, ckpt, pdm_cfg.anchors, pdm_cfg.split, pdm_cfg.draft_vocab,
                     t.feature_top_k, train)
     return FeatureSource(teacher, train, FeatureCache(t.feature_cache, key))
+
+
+@dataclass
+class StartDraft:
+    """A trained draft a run continues from (``train.init_from``)."""
+
+    cfg: PDMConfig
+    record: dict  # its steps, tokens seen and data (from its training.json)
+
+
+def read_start(path: str, split, arch, anchors: list[int], pdm_layers: int) -> StartDraft:
+    """The draft at ``path``, checked against this run's layout, anchors and PDM depth."""
+    if not Path(path).is_dir():
+        raise SPDError(f"train.init_from={path} is not a folder; give a trained draft's folder "
+                       "(e.g. spd_megatron/drafts/smollm2-135m-instruct/n2)")
+    pdm = read_pdm_config(path)
+    check_pdm_matches(pdm, arch, split)
+    if list(pdm.anchors) != list(anchors) or pdm.num_layers != pdm_layers:
+        raise SPDError(f"train.init_from={path} has anchors {pdm.anchors} and {pdm.num_layers} PDM layer(s), this "
+                       f"run {anchors} and {pdm_layers}; set draft.anchors={pdm.anchors} "
+                       f"train.pdm_layers={pdm.num_layers}")
+    info = Path(path) / "training.json"
+    prior = json.loads(info.read_text()) if info.is_file() else {}
+    record = {"steps": prior.get("steps"), "tokens_seen": prior.get("tokens_seen") or 0, "data": prior.get("data")}
+    return StartDraft(pdm, record)
+
+
+def _draft_vocab(train, size: int, eos, start: Optional[StartDraft]) -> Optional[DraftVocab]:
+    """The vocabulary of the draft being continued, else the most frequent tokens of ``train``."""
+    if start is not None:
+        return existing_draft_vocab(train, start.cfg.draft_vocab) if start.cfg.draft_vocab else None
+    return build_draft_vocab(train, size, always=eos) if size else None
+
+
+def _continued(start: Optional[StartDraft]) -> dict:
+    """A run continuing a draft counts tokens seen on from the draft's own (which already include
+    those of any draft it continued)."""
+    return {"tokens_seen": start.record["tokens_seen"]} if start is not None else {}
 
 
 def _resumed_vocab(out: Path, resume: bool) -> Optional[list[int]]:

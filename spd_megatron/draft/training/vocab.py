@@ -27,10 +27,23 @@ def draft_index(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def build_draft_vocab(examples, size: int, always: tuple[int, ...] = ()) -> DraftVocab:
     """The ``size`` most frequent assistant tokens (plus ``always``, e.g. EOS), sorted by id."""
+    counts = _assistant_counts(examples)
+    chosen = set(always) | {t for t, _ in counts.most_common(max(size - len(always), 0))}
+    return DraftVocab(sorted(chosen), _coverage(counts, chosen))
+
+
+def existing_draft_vocab(examples, token_ids: list[int]) -> DraftVocab:
+    """A given vocabulary (a draft being continued) with its coverage of ``examples``."""
+    return DraftVocab(list(token_ids), _coverage(_assistant_counts(examples), set(token_ids)))
+
+
+def _assistant_counts(examples) -> Counter:
     counts = Counter()
     for ex in examples:
         counts.update(t for t, a in zip(ex.ids, ex.assistant) if a)
-    chosen = set(always) | {t for t, _ in counts.most_common(max(size - len(always), 0))}
+    return counts
+
+
+def _coverage(counts: Counter, chosen: set[int]) -> float:
     total = sum(counts.values())
-    coverage = sum(counts[t] for t in chosen) / total if total else 0.0
-    return DraftVocab(sorted(chosen), coverage)
+    return sum(counts[t] for t in chosen) / total if total else 0.0
