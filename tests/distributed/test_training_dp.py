@@ -351,3 +351,4 @@ def test_a_run_continues_a_trained_draft(tiny_models, tmp_path):
     assert after["init_from"]["tokens_seen"] == before["tokens_seen"] > 0
     assert after["tokens_seen"] > before["tokens_seen"]
     assert after["conversations"]["train"] == before["conversations"]["train"] - 3  # train.skip=3
+    assert f"Continued from `{tmp_path / 'first' / 'final'}`" in (later / "MODEL_CARD.md").read_text()

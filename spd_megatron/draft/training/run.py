@@ -189,6 +189,7 @@ def write_model_card(folder: Path, record: dict) -> None:
         f"{record['conversations']['held_out']} held-out conversations (skipped: {record['skipped']}).",
         f"- Trained: {record['steps']} steps, {record['tokens_seen']} tokens seen, "
         f"{record['wall_seconds'] / 60:.1f} min wall on this machine.",
+        *_continued_line(record.get("init_from")),
         f"- PDM: {cfg['train']['pdm_layers']} layer(s), draft vocabulary {cfg['train']['draft_vocab_size']} "
         f"(coverage of assistant tokens {record['draft_vocab_coverage']:.3f}), anchors in pdm_config.json.",
         f"- Final held-out (steady state): KL {last.get('kl', float('nan')):.3f}, "
@@ -208,6 +209,13 @@ def write_model_card(folder: Path, record: dict) -> None:
         "",
     ]
     (folder / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+def _continued_line(start: Optional[dict]) -> list[str]:
+    if not start:
+        return []
+    return [f"- Continued from `{start['path']}` ({start['steps']} steps, {start['tokens_seen']} tokens seen, "
+            f"data `{start['data']}`); the tokens seen above include those."]
 
 
 def _feature_source(cfg: SPDConfig, teacher: Teacher, train, ckpt: Path, pdm_cfg: PDMConfig):
