@@ -3,10 +3,11 @@
 
     python tools/make_prompt_set.py --start 15000 --count 16 --out runs/sharegpt_unseen.jsonl
 
-Training reads the first ``train.limit`` usable conversations of the same stream (self-distillation's
-4000th prompt is record 5004), so prompts from ``--start`` on are unseen by every shipped draft. Keeps first user turns of
-10-600 characters that are mostly ASCII (SmolLM2 answers in English), one per conversation; the
-file feeds ``prompts_file=``, ``tools/alpha_curve.py --sets`` and ``tools/bench_spd.py``.
+Training reads the first ``train.skip + train.limit`` usable conversations of the same stream
+(self-distillation's 4000th prompt is record 5004), so prompts from ``--start`` on are unseen by
+every shipped draft. Keeps first user turns of 10-600 characters that are mostly ASCII (SmolLM2
+answers in English), one per conversation; the file feeds ``prompts_file=``,
+``tools/alpha_curve.py --sets`` and ``tools/bench_spd.py``.
 """
 
 from __future__ import annotations

@@ -73,8 +73,9 @@ def regenerate(source: str, out_file: Path, hf_dir: Path, limit: int, mode: str 
                seed: int = 0, deadline: Optional[float] = None, shard: tuple[int, int] = (0, 1),
                progress: bool = True, skip: int = 0) -> bool:
     """Write (or complete) ``out_file``: one ``{"messages": [...]}`` record per prompt of at most
-    ``max_prompt`` tokens, up to ``limit`` of them (0 = all) after the first ``skip``. With ``shard=(i, k)`` only prompts
-    i, i + k, i + 2k, ... (one data-parallel rank's share; ``merge_shards`` restores the order).
+    ``max_prompt`` tokens, up to ``limit`` of them (0 = all) after the first ``skip``. With
+    ``shard=(i, k)`` only prompts i, i + k, i + 2k, ... (one data-parallel rank's share;
+    ``merge_shards`` restores the order).
     Stops between batches once ``time.monotonic()`` passes ``deadline``; returns whether the file
     is complete."""
     from tqdm.auto import tqdm

@@ -271,8 +271,6 @@ def _continued(start: Optional[StartDraft]) -> dict:
 
 def _resumed_vocab(out: Path, resume: bool) -> Optional[list[int]]:
     """A resumed run keeps its checkpoint's draft vocabulary, even if the data grew since."""
-    from spd_megatron.draft.pdm import read_pdm_config
-
     latest = out / "latest"
     if resume and (latest / "trainer_state.pt").is_file():
         return read_pdm_config(latest).draft_vocab
